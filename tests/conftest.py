@@ -1,0 +1,58 @@
+"""Shared test fixtures: paths into ../shared and a torch-blocking subprocess helper."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MIRAGE_EDGE_SHARED", ROOT.parent / "shared"))
+MIRAGE_REF = SHARED / "fixtures" / "mirage_ref"
+REAL_DATA = SHARED / "data" / "real"
+EXAMPLE_DATA = SHARED / "data" / "mirage_example"
+
+# Prepended to a child interpreter's code: any attempt to import torch fails loudly.
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this test")
+            return None
+    sys.meta_path.insert(0, _Block())
+    """
+)
+
+
+def run_without_torch(code: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where importing torch raises ImportError."""
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code), *args],
+        capture_output=True, text=True, cwd=cwd or ROOT, timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def mirage_ref() -> Path:
+    if not MIRAGE_REF.is_dir():
+        pytest.skip(f"official MIRAGE fixtures not found at {MIRAGE_REF}")
+    return MIRAGE_REF
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def example_data() -> Path:
+    if not EXAMPLE_DATA.is_dir():
+        pytest.skip(f"MIRAGE example triplet not found at {EXAMPLE_DATA}")
+    return EXAMPLE_DATA

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from conftest import run_without_torch
+from mirage_edge import __version__
+from mirage_edge.cli import COMMANDS, cli
+
+
+def test_help_does_not_import_torch():
+    proc = run_without_torch(
+        """
+        import sys
+        from mirage_edge.cli import main
+        sys.argv = ["mirage-edge", "--help"]
+        try:
+            main()
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        assert "torch" not in sys.modules
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: mirage-edge" in proc.stdout
+    for name in COMMANDS:
+        assert name in proc.stdout
+
+
+def test_every_subcommand_help_is_torch_free():
+    for name in COMMANDS:
+        proc = run_without_torch(
+            f"""
+            import sys
+            from mirage_edge.cli import main
+            sys.argv = ["mirage-edge", "{name}", "--help"]
+            try:
+                main()
+            except SystemExit as e:
+                assert e.code in (0, None), e.code
+            assert "torch" not in sys.modules
+            """
+        )
+        assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_import_is_torch_free():
+    proc = run_without_torch("import mirage_edge, mirage_edge.errors, mirage_edge.config, mirage_edge.cli")
+    assert proc.returncode == 0, proc.stderr
