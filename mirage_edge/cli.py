@@ -18,6 +18,14 @@ from mirage_edge.errors import MirageEdgeError
 
 # command name -> "module:attribute". Add a line here when an area gains a command.
 COMMANDS: dict[str, str] = {
+    "info": "mirage_edge.models.cli:info_cmd",
+    "convert": "mirage_edge.models.cli:convert_cmd",
+    "export": "mirage_edge.export.cli:export_cmd",
+    "predict": "mirage_edge.runtime.cli:predict_cmd",
+    "bench": "mirage_edge.bench.cli:bench_cmd",
+    "demo": "mirage_edge.bench.cli:demo_cmd",
+    "train": "mirage_edge.train.cli:train",
+    "distill": "mirage_edge.distill.cli:distill_cmd",
 }
 
 

@@ -1,0 +1,122 @@
+"""`mirage-edge bench` and `mirage-edge demo` (click only at import; heavy work inside the bodies)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mirage_edge.errors import ConfigError
+
+_REPO_SUITES = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+
+
+def resolve_suite(name_or_path: str) -> Path:
+    """A suite file path, or a name looked up in ./benchmarks/suites and the source checkout's."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"suite file not found: {p}")
+        return p
+    for folder in (Path.cwd() / "benchmarks" / "suites", _REPO_SUITES):
+        cand = folder / f"{name_or_path}.toml"
+        if cand.is_file():
+            return cand
+    known = sorted({q.stem for f in (Path.cwd() / "benchmarks" / "suites", _REPO_SUITES) if f.is_dir()
+                    for q in f.glob("*.toml")})
+    raise ConfigError(f"unknown suite {name_or_path!r}; give a .toml path or one of: {', '.join(known) or 'none found'}")
+
+
+def _ints(values: tuple[str, ...], flag: str) -> list[int]:
+    out = []
+    for v in values:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    out.append(int(part))
+                except ValueError:
+                    raise ConfigError(f"{flag} expects integers, got {part!r}") from None
+    return out
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+@click.command("bench")
+@click.option("--suite", "suite_name", default="synthetic", show_default=True,
+              help="Suite TOML path or name in benchmarks/suites/ (synthetic, duke-dme-fluid, retinabench).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder for records/report/plot [default: bench-out/<suite>].")
+@click.option("--root", default=None, help="Runs folder for {root} in the suite (checkpoints, artifacts).")
+@click.option("--data", default=None, help="Datasets folder for {data} in the suite.")
+@click.option("--model", "models", multiple=True, help="Only these model labels (comma list; the teacher is kept).")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(),
+              help="Add a checkpoint folder as a candidate model (repeatable).")
+@click.option("--artifact", "artifacts", multiple=True, type=click.Path(),
+              help="Add an exported artifact folder as a candidate model (repeatable).")
+@click.option("--backend", "backends", multiple=True,
+              help="Only these backends: torch, onnxruntime, openvino, tensorrt (comma list).")
+@click.option("--precision", "precisions", multiple=True, help="Only these precisions: fp32, bf16, fp16, int8.")
+@click.option("--threads", multiple=True, help="Thread counts to time (comma list) [suite default].")
+@click.option("--batch", "batches", multiple=True, help="Batch sizes to time (comma list).")
+@click.option("--input-size", "sizes", multiple=True, help="Square input sizes to time, e.g. 512 (comma list).")
+@click.option("--budget", type=float, default=None, help="Timed seconds per row after min-iters.")
+@click.option("--min-iters", type=int, default=None)
+@click.option("--max-iters", type=int, default=None)
+@click.option("--no-isolate", is_flag=True, help="Run every row in this process (faster; no crash isolation).")
+@click.option("--set", "overrides", multiple=True, help="Suite override key=value (e.g. timing.warmup=5).")
+def bench_cmd(suite_name: str, out_dir: str | None, root: str | None, data: str | None, models: tuple[str, ...],
+              checkpoints: tuple[str, ...], artifacts: tuple[str, ...], backends: tuple[str, ...],
+              precisions: tuple[str, ...], threads: tuple[str, ...], batches: tuple[str, ...],
+              sizes: tuple[str, ...], budget: float | None, min_iters: int | None, max_iters: int | None,
+              no_isolate: bool, overrides: tuple[str, ...]) -> None:
+    """Time and evaluate every model x backend x precision of a suite; write records and a report.
+
+    \b
+    Examples:
+      mirage-edge bench --suite synthetic --root demo-out
+      mirage-edge bench --suite duke-dme-fluid --data /data --root runs/duke --threads 1,2
+      mirage-edge bench --suite synthetic --artifact runs/export/student-int8 --backend openvino
+    """
+    from mirage_edge.bench.run import bench
+
+    sets = list(overrides)
+    for key, vals in (("threads", _ints(threads, "--threads")), ("batch_sizes", _ints(batches, "--batch")),
+                      ("input_sizes", _ints(sizes, "--input-size"))):
+        if vals:
+            sets.append(f"timing.{key}={vals}")
+    for key, val in (("budget_s", budget), ("min_iters", min_iters), ("max_iters", max_iters)):
+        if val is not None:
+            sets.append(f"timing.{key}={val}")
+    if root:
+        sets.append(f"root={_toml_str(root)}")
+    if data:
+        sets.append(f"data={_toml_str(data)}")
+    result = bench(resolve_suite(suite_name), out_dir=out_dir, overrides=sets, models=_split(models) or None,
+                   backends=_split(backends) or None, precisions=_split(precisions) or None,
+                   checkpoints=list(checkpoints), artifacts=list(artifacts), isolate=False if no_isolate else None)
+    from mirage_edge.bench.report import print_table
+
+    click.echo(print_table(result.records))
+    for name, path in result.paths.items():
+        click.echo(f"{name}: {path}")
+
+
+def _toml_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Folder for everything the demo makes; a second run reuses what is there.")
+@click.option("--fast", is_flag=True, help="One-minute smoke version (tiny data, few steps, short timing).")
+@click.option("--force", is_flag=True, help="Redo every stage even if its output exists.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads for training and timing.")
+def demo_cmd(out_dir: str, fast: bool, force: bool, threads: int) -> None:
+    """Offline end-to-end run: synthetic data -> mirage-tiny teacher -> QAT student -> ONNX/OpenVINO
+    (fp32, int8) -> synthetic benchmark suite; prints the table and the report/plot paths."""
+    from mirage_edge.bench.demo import run_demo
+
+    run_demo(out_dir, fast=fast, force=force, threads=threads)

@@ -1,0 +1,262 @@
+"""`mirage-edge demo`: the whole product on a laptop, offline, in minutes.
+
+    data     synthetic retinal-layer B-scans (RetinaBench layout)             -> OUT/data/layers
+    teacher  fine-tune mirage-tiny for segmentation                            -> OUT/teacher (run folder, best/)
+    student  distill into mobilenetv4_conv_small: feature KD, task KD, QAT     -> OUT/distill (student/, QAT folder)
+    export   ONNX + OpenVINO, FP32 + INT8 (PTQ for FP32 models, QAT Q/DQ)      -> OUT/export/<model>/<format>-<precision>
+    bench    the synthetic suite (+ MIRAGE-Base/Large latency rows)            -> OUT/bench (records, report, plot)
+
+Each stage is skipped when its output is already complete (said so on screen); `--force` redoes
+everything. `--fast` is a one-minute smoke version (tiny data and images, few steps, short timing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mirage_edge.errors import MirageEdgeError
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run. `image_size` is the models' input (and the benchmark's latency input)."""
+
+    image_size: int = 512
+    n_images: int = 60
+    teacher_epochs: int = 12
+    teacher_batch: int = 8
+    stage1_epochs: int = 3
+    stage2_epochs: int = 4
+    qat_epochs: int = 1
+    distill_batch: int = 8
+    student: str = "mobilenetv4_conv_small"
+    calib_images: int = 16
+    budget_s: float = 2.0
+    min_iters: int = 5
+    references: tuple[str, ...] = ("mirage-base", "mirage-large")
+
+    @classmethod
+    def fast(cls) -> "DemoPlan":
+        return cls(image_size=64, n_images=12, teacher_epochs=2, teacher_batch=4, stage1_epochs=1, stage2_epochs=1,
+                   qat_epochs=1, distill_batch=4, student="student-tiny", calib_images=4, budget_s=0.2,
+                   min_iters=3, references=("mirage-base",))
+
+
+@dataclasses.dataclass
+class DemoResult:
+    out: Path
+    records: list[Any]
+    paths: dict[str, Path]
+    seconds: float
+    stage_seconds: dict[str, float]
+
+
+class _Console:
+    """Stage headers and notes (rich when available, plain print otherwise)."""
+
+    def __init__(self) -> None:
+        try:
+            from rich.console import Console
+
+            self._rich: Any = Console(highlight=False)
+        except ImportError:  # pragma: no cover - rich is in the toolkit extra
+            self._rich = None
+
+    def print(self, text: str, style: str = "") -> None:
+        if self._rich is not None:
+            self._rich.print(text, style=style or None, markup=False)
+        else:
+            print(text, flush=True)
+
+
+def _complete(path: Path, marker: str) -> bool:
+    return (path / marker).is_file()
+
+
+def _best(run_dir: Path) -> Path:
+    """A fine-tune run folder's best checkpoint (its `best/`), else the folder itself."""
+    return run_dir / "best" if (run_dir / "best" / "config.json").is_file() else run_dir
+
+
+def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: bool = False, threads: int = 2,
+             plan: DemoPlan | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
+    """Run (or resume) the demo in `out_dir`; returns the bench records and report paths."""
+    plan = plan or (DemoPlan.fast() if fast else DemoPlan())
+    out = Path(out_dir).resolve()
+    con = _Console()
+    say = log or (lambda msg: con.print(msg))
+    t_all = time.perf_counter()
+    if force and out.exists():
+        for sub in ("data", "teacher", "distill", "export", "bench", "cache"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "demo.json"
+    previous = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if previous and previous.get("plan") != dataclasses.asdict(plan):
+        raise MirageEdgeError(f"{out} holds a demo made with other settings ({'--fast' if previous['plan'].get('image_size') != plan.image_size else 'a different plan'}); "
+                              "use another --out or --force")
+    stamp.write_text(json.dumps({"plan": dataclasses.asdict(plan)}, indent=1))
+    times: dict[str, float] = {}
+
+    def stage(n: int, name: str, done: bool, where: Path, fn: Callable[[], Any]) -> None:
+        head = f"[{n}/5] {name}"
+        if done:
+            say(f"{head}: reusing {where} (already complete; --force to redo)")
+            times[name] = 0.0
+            return
+        say(f"{head} -> {where}")
+        t0 = time.perf_counter()
+        fn()
+        times[name] = time.perf_counter() - t0
+        say(f"{head}: done in {times[name]:.0f} s")
+
+    data = out / "data" / "layers"
+    stage(1, "synthetic data", _complete(data, "INFO.json") and (data / "test").is_dir(), data,
+          lambda: _make_data(data, plan))
+    teacher = out / "teacher"
+    stage(2, "teacher (mirage-tiny fine-tune)", _complete(_best(teacher), "config.json"), teacher,
+          lambda: _train_teacher(data, teacher, plan, threads))
+    distill_dir = out / "distill"
+    stage(3, f"student ({plan.student}: KD + QAT)", _complete(distill_dir, "report.json"), distill_dir,
+          lambda: _distill(data, _best(teacher), distill_dir, plan, threads, out / "cache", say))
+    export = out / "export"
+    wanted = _export_jobs(out, _best(teacher), distill_dir, plan)
+    stage(4, "export (ONNX, OpenVINO; FP32, INT8)", all(_complete(a, "SHA256SUMS") for job in wanted
+                                                      for a in job["artifacts"]), export,
+          lambda: _export(wanted, data, say))
+    bench_dir = out / "bench"
+    result: dict[str, Any] = {}
+
+    def bench() -> None:
+        result["bench"] = _bench(out, bench_dir, plan, threads, say)
+
+    stage(5, "benchmark (synthetic suite)", _complete(bench_dir, "records.json"), bench_dir, bench)
+    from mirage_edge.bench.record import read_records
+    from mirage_edge.bench.report import print_table
+
+    if "bench" in result:
+        records, paths = result["bench"].records, result["bench"].paths
+    else:
+        records = read_records(bench_dir / "records.json")
+        paths = {k: bench_dir / f for k, f in (("json", "records.json"), ("csv", "records.csv"),
+                                               ("report", "report.md"), ("plot", "pareto.png"))
+                 if (bench_dir / f).is_file()}
+    seconds = time.perf_counter() - t_all
+    say("")
+    say(print_table(records))
+    say("")
+    for name, path in paths.items():
+        say(f"{name}: {path}")
+    say(f"demo finished in {seconds:.0f} s (" + ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in times.items()) + ")")
+    return DemoResult(out, records, paths, seconds, times)
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+def _make_data(data: Path, plan: DemoPlan) -> None:
+    from mirage_edge.data.synth import synthesize
+
+    synthesize(data, "layers", n=plan.n_images, seed=0, size=plan.image_size, overwrite=True)
+
+
+def _train_teacher(data: Path, run_dir: Path, plan: DemoPlan, threads: int) -> None:
+    from mirage_edge import config as C
+    from mirage_edge.train.config import FinetuneConfig
+    from mirage_edge.train.finetune import run_finetune
+
+    cfg = C.from_dict(FinetuneConfig, {
+        "task": "seg", "data": str(data), "out_dir": str(run_dir), "image_size": plan.image_size, "mode": "full",
+        "model": {"name": "mirage-tiny"}, "head": {"preds_per_patch": 16, "class_dim": 32, "depth": 2},
+        "loop": {"device": "cpu", "epochs": plan.teacher_epochs, "batch_size": plan.teacher_batch, "log_every": 5,
+                 "threads": threads, "keep_checkpoints": 1},
+        "optim": {"lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 5},
+    }, source="demo teacher config")
+    run_finetune(cfg)
+
+
+def _distill(data: Path, teacher: Path, out: Path, plan: DemoPlan, threads: int, cache: Path,
+             say: Callable[[str], None]) -> None:
+    from mirage_edge.distill import distill, load_recipe
+
+    recipe = load_recipe(None, [
+        'name="demo"', f"out={json.dumps(str(out))}", f"teacher.model={json.dumps(str(teacher))}",
+        f"student.name={json.dumps(plan.student)}", f"data.path={json.dumps(str(data))}", 'data.task="seg"',
+        f"data.image_size={plan.image_size}", f"stage1.epochs={plan.stage1_epochs}",
+        f"stage1.batch_size={plan.distill_batch}", f"stage2.epochs={plan.stage2_epochs}",
+        f"stage2.batch_size={plan.distill_batch}", "qat.enabled=true", f"qat.epochs={plan.qat_epochs}",
+        f"qat.batch_size={plan.distill_batch}", f"run.threads={threads}", f"cache.dir={json.dumps(str(cache))}",
+    ])
+    distill(recipe, overwrite=True, log=say)
+
+
+def _qat_dir(distill_dir: Path) -> Path | None:
+    hits = sorted(p.parent for p in distill_dir.glob("*/qat.json"))
+    return hits[0] if hits else None
+
+
+def _export_jobs(out: Path, teacher: Path, distill_dir: Path, plan: DemoPlan) -> list[dict[str, Any]]:
+    """What to export: teacher FP32 + INT8 (PTQ); FP32 student FP32 + INT8 (PTQ); QAT student INT8."""
+    jobs = [dict(name="teacher", src=teacher, kind="checkpoint", out=out / "export" / "teacher",
+                 formats=["onnx", "openvino"], precisions=["fp32", "int8"]),
+            dict(name="student", src=distill_dir / "student", kind="student", out=out / "export" / "student",
+                 formats=["onnx", "openvino"], precisions=["fp32", "int8"])]
+    qat = _qat_dir(distill_dir)
+    jobs.append(dict(name="student-qat", src=qat or distill_dir / "student-qat", kind="student",
+                     out=out / "export" / "student-qat", formats=["onnx", "openvino"], precisions=["int8"]))
+    for job in jobs:
+        job["artifacts"] = [job["out"] / f"{f}-{p}" for f in job["formats"] for p in job["precisions"]]
+        job["calib"] = plan.calib_images
+    return jobs
+
+
+def _export(jobs: list[dict[str, Any]], data: Path, say: Callable[[str], None]) -> None:
+    from mirage_edge.export.api import export_model
+    from mirage_edge.export.target import ExportTarget, QuantConfig
+
+    for job in jobs:
+        missing = [a for a in job["artifacts"] if not (a / "SHA256SUMS").is_file()]
+        if not missing:
+            say(f"  {job['name']}: reusing {job['out']}")
+            continue
+        t0 = time.perf_counter()
+        model = _load_for_export(job["src"], job["kind"])
+        target = ExportTarget(name=f"demo-{job['name']}", formats=job["formats"], precisions=job["precisions"],
+                              quantization=QuantConfig(calib_images=job["calib"]))
+        try:
+            export_model(model, job["out"], target, calib=data, name=job["name"], log=lambda m: say(f"  {m}"))
+        except MirageEdgeError as exc:  # one failed artifact (e.g. PTQ parity) must not stop the demo
+            say(f"  {job['name']}: export failed: {exc}")
+        say(f"  {job['name']}: {time.perf_counter() - t0:.0f} s")
+
+
+def _load_for_export(src: Path, kind: str) -> Any:
+    if kind == "student":
+        from mirage_edge.distill import load_student
+
+        return load_student(src)
+    from mirage_edge.models.checkpoint import load_model
+
+    return load_model(src).eval()
+
+
+def _bench(out: Path, bench_dir: Path, plan: DemoPlan, threads: int, say: Callable[[str], None]) -> Any:
+    from mirage_edge.bench.cli import resolve_suite
+    from mirage_edge.bench.run import bench
+
+    overrides = [f"root={json.dumps(str(out))}", f"data={json.dumps(str(out / 'data'))}",
+                 f"timing.threads=[{threads}]", f"timing.input_sizes=[{plan.image_size}]",
+                 f"timing.budget_s={plan.budget_s}", f"timing.min_iters={plan.min_iters}",
+                 'models=[{label="teacher", role="teacher", checkpoint="{root}/teacher", '
+                 'artifacts=["{root}/export/teacher/*"]}, '
+                 '{label="student", role="student", checkpoint="{root}/distill/student", '
+                 'artifacts=["{root}/export/student/*"]}, '
+                 '{label="student-qat", role="student", artifacts=["{root}/export/student-qat/*"]}'
+                 + "".join(f', {{label="{r}", role="reference", registry="{r}"}}' for r in plan.references) + "]"]
+    return bench(resolve_suite("synthetic"), out_dir=bench_dir, overrides=overrides, progress=say)
+
+
+__all__ = ["run_demo", "DemoPlan", "DemoResult"]

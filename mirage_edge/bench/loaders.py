@@ -1,0 +1,146 @@
+"""Build runners from what a suite names: our checkpoint folders and registered models (PyTorch),
+and exported artifact folders (torch-free runtime). Imports of torch / the runtime happen here,
+inside the worker, never at bench import time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mirage_edge.bench.runners import Runner, TorchRunner, dir_size_mb
+from mirage_edge.errors import CheckpointError
+
+TASK_KIND = {"segmentation": "seg", "classification": "cls", "seg": "seg", "cls": "cls"}
+
+
+class MirageTorchRunner(TorchRunner):
+    """TorchRunner that can re-target a MIRAGE encoder's fixed positional tables to the timed size
+    (`set_input_size`), and back to the evaluation size before scoring."""
+
+    def set_input_size(self, height: int, width: int) -> None:
+        enc = getattr(self.module, "encoder", self.module)
+        if hasattr(enc, "set_input_size") and tuple(getattr(enc, "input_size", ())) != (height, width):
+            enc.set_input_size((height, width))
+
+
+def _preprocess_from_config(cfg: dict[str, Any], size: tuple[int, int] | None) -> Any:
+    """The checkpoint's preprocessing spec (stored by train/distill in config.json "meta"), else the
+    MIRAGE fine-tuning default (per-image min-max) at the model's input size."""
+    from mirage_edge.data.preprocess import PreprocessSpec
+
+    meta = cfg.get("meta") or {}
+    for holder in (meta, cfg):
+        spec = holder.get("preprocessing") or holder.get("preprocess")
+        if isinstance(spec, dict):
+            return PreprocessSpec.from_dict(spec.get("bscan", spec) if "size" not in spec else spec)
+    return PreprocessSpec(size=tuple(size or (512, 512)))
+
+
+def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = None,
+                 input_size: int | None = None) -> Runner:
+    """A checkpoint folder (trained weights) or a registered model name (random weights + a fresh
+    task head of `task_kind` with `num_classes` classes, built for `input_size`)."""
+    path = Path(source)
+    if path.exists() or "/" in source or source.startswith("."):
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"checkpoint folder not found or incomplete: {path} (needs config.json + "
+                                  "model.safetensors)")
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        kind = TASK_KIND.get(cfg.get("kind", ""), "")
+        classes = list((cfg.get("meta") or {}).get("classes") or [])
+
+        def build() -> Any:
+            from mirage_edge.models.checkpoint import load_model
+
+            return load_model(path)
+
+        probe = build()
+        size = getattr(probe, "input_size", None)
+        spec = _preprocess_from_config(cfg, tuple(size) if size else None)
+        runner = MirageTorchRunner(build, task_kind=kind, classes=classes, spec=spec, weights="trained",
+                                   files=sorted(path.glob("*.safetensors")))
+        return runner
+
+    from mirage_edge.models import create_model
+
+    kind = task_kind or "cls"
+    k = int(num_classes or 2)
+    size = int(input_size or 512)
+
+    def build_registry() -> Any:
+        from mirage_edge.models.task import classification_model, segmentation_model
+
+        kwargs: dict[str, Any] = {"input_size": size}
+        if source.startswith("mirage"):
+            kwargs.update(in_domains=["bscan"], out_domains=[])
+        encoder = create_model(source, **kwargs)
+        return segmentation_model(encoder, k) if kind == "seg" else classification_model(encoder, k)
+
+    return MirageTorchRunner(build_registry, task_kind=kind, classes=[str(i) for i in range(k)], spec=None,
+                             weights="random", notes=f"random weights, {'ConvNeXt seg' if kind == 'seg' else 'linear'}"
+                             f" head ({k} classes)")
+
+
+# ---------------------------------------------------------------------------------------------
+# exported artifacts
+# ---------------------------------------------------------------------------------------------
+
+class ArtifactRunner(Runner):
+    """An exported artifact folder run by `mirage_edge.runtime.Predictor` (checksums verified on load)."""
+
+    def __init__(self, path: str | Path, backend: str = "auto", device: str = "cpu") -> None:
+        from mirage_edge.artifact import read_meta
+
+        self.path = Path(path)
+        self.meta = read_meta(self.path)  # fails early (no metadata) -> error row at stage "load"
+        self.requested = backend
+        self.device = device
+        self.precision = self.meta.precision
+        self.task_kind = TASK_KIND.get(self.meta.task, "")
+        self.classes = list(self.meta.classes)
+        fmt_backend = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[self.meta.format]
+        self.backend = fmt_backend if backend in ("", "auto") else backend
+        q = self.meta.quantization
+        self.notes = f"{self.meta.format} artifact" + (f", {q.method}" if q else "")
+        self.predictor: Any = None
+        self._spec = None
+
+    def load(self, threads: int) -> None:
+        from mirage_edge.runtime import Predictor
+
+        self.close()
+        self.predictor = Predictor.load(self.path, backend=self.backend, threads=threads,
+                                        device=None if self.device == "cpu" else self.device)
+        self.backend = self.predictor.backend
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        # Predictor.run: the runtime's own call path (batch split/padding for fixed-batch models)
+        return self.predictor.run(x)[self.meta.outputs[0].name]
+
+    def preprocess_spec(self) -> Any:
+        if self._spec is None:
+            from mirage_edge.data.preprocess import PreprocessSpec
+
+            self._spec = PreprocessSpec.from_dict(self.meta.preprocessing[self.meta.inputs[0].name])
+        return self._spec
+
+    def fixed_input(self) -> tuple[int | None, int | None, int | None]:
+        """Artifacts take exactly their preprocessing size; any batch (the runtime splits/pads)."""
+        h, w = self.preprocess_spec().size
+        return (None, int(h), int(w))
+
+    def file_size_mb(self) -> float | None:
+        return dir_size_mb(self.path, self.meta.files)
+
+    def close(self) -> None:
+        self.predictor = None
+
+
+def artifact_runner(path: str, backend: str = "auto", device: str = "cpu") -> Runner:
+    return ArtifactRunner(path, backend=backend, device=device)
+
+
+__all__ = ["torch_runner", "artifact_runner", "ArtifactRunner", "MirageTorchRunner"]

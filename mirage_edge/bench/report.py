@@ -1,0 +1,297 @@
+"""Reports made from records: markdown (tables + headline ratios), and a latency-vs-metric Pareto
+plot (PNG, matplotlib Agg). Every number printed here is a field of a record or a ratio of two
+records of the same run, so the report can be checked against records.csv / records.json.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from mirage_edge._io import atomic_path, atomic_write_text
+from mirage_edge.bench.hardware import HardwareInfo
+from mirage_edge.bench.record import CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, BenchRecord
+
+Key = tuple[str, int, int, int]  # task, threads, batch, input size
+
+
+def _key(r: BenchRecord) -> Key:
+    return (r.task, r.threads, r.batch, r.input_h)
+
+
+def _f(v: float | None, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.{nd}f}"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def teacher_rows(records: Iterable[BenchRecord]) -> dict[Key, BenchRecord]:
+    """The teacher's PyTorch row per (task, threads, batch, size): the reference of every ratio."""
+    out: dict[Key, BenchRecord] = {}
+    for r in records:
+        if r.role == "teacher" and r.backend == "torch" and r.ok and r.latency_median_ms:
+            out.setdefault(_key(r), r)
+    return out
+
+
+def latency_ratio(r: BenchRecord, teachers: dict[Key, BenchRecord]) -> float | None:
+    """This row's median latency / the teacher PyTorch FP32 median (same task, threads, batch, size)."""
+    t = teachers.get(_key(r))
+    if t is None or r.latency_median_ms is None:
+        return None
+    return r.latency_median_ms / t.latency_median_ms
+
+
+def _speedup(a: BenchRecord | None, b: BenchRecord | None) -> float | None:
+    if a is None or b is None or not a.latency_median_ms or not b.latency_median_ms:
+        return None
+    return b.latency_median_ms / a.latency_median_ms
+
+
+def _fastest(rows: list[BenchRecord]) -> BenchRecord | None:
+    rows = [r for r in rows if r.ok and r.latency_median_ms is not None]
+    return min(rows, key=lambda r: r.latency_median_ms) if rows else None  # type: ignore[arg-type,return-value]
+
+
+def headline(records: list[BenchRecord]) -> dict[str, Any]:
+    """The figures the README quotes, per task, at the smallest batch and first thread count/size.
+
+    best INT8 student = the fastest INT8 student row keeping >= 97 % of the teacher's primary
+    metric, or the fastest INT8 student row if none does (the rule is printed with the result).
+    """
+    out: dict[str, Any] = {}
+    ok = [r for r in records if r.ok and r.latency_median_ms is not None]
+    if not ok:
+        return out
+    batch = min(r.batch for r in ok)
+    for task in dict.fromkeys(r.task for r in ok):
+        rows = [r for r in ok if r.task == task and r.batch == batch]
+        threads, size = rows[0].threads, rows[0].input_h
+        rows = [r for r in rows if r.threads == threads and r.input_h == size]
+        teacher = next((r for r in rows if r.role == "teacher" and r.backend == "torch"), None)
+        exported = _fastest([r for r in rows if r.role == "teacher" and r.backend != "torch"])
+        refs = {r.model: r for r in rows if r.role == "reference" and r.backend == "torch"}
+        int8 = [r for r in rows if r.role == "student" and r.precision == "int8"]
+        keeping = [r for r in int8 if r.metric_retention is not None and r.metric_retention >= 0.97]
+        student = _fastest(keeping) or _fastest(int8)
+        out[task] = dict(batch=batch, threads=threads, size=size, teacher=teacher, teacher_exported=exported,
+                         references=refs, student=student, student_rule="kept >= 97% of the teacher metric"
+                         if student is not None and student in keeping else "fastest INT8 student (none kept >= 97%)")
+    return out
+
+
+def _headline_md(records: list[BenchRecord]) -> list[str]:
+    lines: list[str] = []
+    for task, h in headline(records).items():
+        t, e, s = h["teacher"], h["teacher_exported"], h["student"]
+        lines.append(f"### Task `{task or '(latency only)'}` — batch {h['batch']}, {h['size']}x{h['size']}, "
+                     f"{h['threads']} threads")
+        if t:
+            lines.append(f"- Teacher `{t.model}` PyTorch FP32: **{_ms(t.latency_median_ms)} ms** median"
+                         + (f", {t.primary_metric} {_f(t.primary_value, 4)}" if t.primary_value is not None else ""))
+        if e:
+            lines.append(f"- Best exported teacher form: {e.label}: {_ms(e.latency_median_ms)} ms "
+                         f"({_f(_speedup(e, t), 1)}x faster than its PyTorch FP32)")
+        if s:
+            lines.append(f"- Best INT8 student ({h['student_rule']}): **{s.label}: {_ms(s.latency_median_ms)} ms**")
+            if t:
+                lines.append(f"  - {_f(_speedup(s, t), 1)}x faster than the teacher's PyTorch FP32 row")
+            for name, ref in h["references"].items():
+                rw = " (random weights)" if ref.weights == "random" else ""
+                lines.append(f"  - **{_f(_speedup(s, ref), 1)}x** faster than `{name}` PyTorch FP32{rw} "
+                             f"({_ms(ref.latency_median_ms)} ms)")
+            if s.metric_retention is not None:
+                lines.append(f"  - keeps **{100 * s.metric_retention:.1f}%** of the teacher's {s.primary_metric} "
+                             f"({_f(s.primary_value, 4)} vs {_f(t.primary_value if t else None, 4)}); "
+                             f"agreement with the teacher {_f(s.teacher_agreement, 4)}")
+        lines.append("")
+    return lines
+
+
+def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list[str]:
+    kinds = {r.task_kind for r in records}
+    metrics = [m for m in (*CLS_METRICS, *SEG_METRICS) if any(getattr(r, m) is not None for r in records)]
+    if not metrics:
+        metrics = [PRIMARY_METRIC[k] for k in sorted(kinds) if k in PRIMARY_METRIC]
+    head = (["model", "role", "backend", "precision", "threads", "batch", "input", "median ms", "p90", "p99", "max",
+             "n", "latency / teacher", "img/s", "load s", "peak RSS MB", "size MB", "params M", "GFLOPs"]
+            + metrics + ["retention", "agree", "notes"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        ratio = latency_ratio(r, teachers)
+        ratio_s = "–" if ratio is None else f"{ratio:.3f} ({1 / ratio:.1f}x)" if ratio > 0 else "–"
+        cells = [f"`{r.model}`", r.role, r.backend, r.precision, str(r.threads), str(r.batch),
+                 f"{r.input_h}x{r.input_w}", _ms(r.latency_median_ms), _ms(r.latency_p90_ms), _ms(r.latency_p99_ms),
+                 _ms(r.latency_max_ms), str(r.latency_n), ratio_s, _f(r.throughput_ips, 1), _f(r.load_time_s, 2),
+                 _f(r.peak_rss_mb, 0), _f(r.file_size_mb, 2), _f(r.params_m, 2), _f(r.gflops, 2)]
+        cells += [_f(getattr(r, m), 2 if m == "hd95" else 4) for m in metrics]
+        cells += [_f(None if r.metric_retention is None else 100 * r.metric_retention, 1) + ("%" if
+                  r.metric_retention is not None else ""), _f(r.teacher_agreement, 4), r.notes.replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any = None,
+                    plot_name: str | None = "pareto.png") -> str:
+    teachers = teacher_rows(records)
+    name = records[0].suite if records else getattr(suite, "name", "")
+    run_id = records[0].run_id if records else ""
+    lines = [f"# mirage-edge benchmark: suite `{name}`", "", f"Run `{run_id}`. Records: `records.csv` / "
+             "`records.json` (one row per model x backend x precision x threads x batch x input size x task).", ""]
+    lines += ["## Machine", "", hw.markdown(), ""]
+    tm = getattr(suite, "timing", None)
+    rss = next((r.rss_method for r in records if r.rss_method), "")
+    lines += ["## Method", ""]
+    if tm is not None:
+        lines.append(f"- Latency: wall time of one inference call on a preprocessed B x 1 x H x W float32 input "
+                     f"(`time.perf_counter`, GC paused); {tm.warmup} warm-up calls (and >= {tm.min_warmup_s} s), then "
+                     f"at least {tm.min_iters} and at most {tm.max_iters} timed calls, stopping after {tm.budget_s} s "
+                     "of timed calls (`n` = calls timed; with few calls p99 is close to max).")
+    lines += ["- Throughput = batch / median latency. Load time = building the model / session "
+              "(incl. reading weights).",
+              f"- Peak RSS: {rss or 'not measured'}.",
+              "- GFLOPs: 2 x MACs of matmul/conv/attention of the PyTorch model at batch 1 "
+              "(torch FlopCounterMode); exported rows reuse their PyTorch model's count.",
+              "- Accuracy: each row's own model or artifact, with its own preprocessing, on the task's split; "
+              "retention = row metric / teacher PyTorch metric; agreement = same top-1 class (cls) or mean "
+              "foreground Dice between the two predicted masks (seg).",
+              "- Rows with random weights (reference sizes without official weights) are latency-only.",
+              "- `latency / teacher`: this row's median / the teacher PyTorch FP32 median for the same task, "
+              "threads, batch and input size, measured in this run.", ""]
+    lines += ["## Headline", ""] + _headline_md(records)
+    ran = [r for r in records if r.status == "ok"]
+    for task in dict.fromkeys(r.task for r in ran):
+        rows = [r for r in ran if r.task == task]
+        kind = rows[0].task_kind
+        lines += [f"## Results: task `{task or '(none)'}`" + (f" ({kind}; primary metric "
+                  f"{PRIMARY_METRIC.get(kind, '?')})" if kind else ""), ""]
+        lines += _table(rows, teachers) + [""]
+    bad = [r for r in records if r.status != "ok"]
+    if bad:
+        lines += ["## Not run or failed", "", "| model | backend | precision | task | source | status | stage | error |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in bad:
+            lines.append(f"| `{r.model}` | {r.backend or '–'} | {r.precision or '–'} | {r.task or '–'} | "
+                         f"`{r.source or '–'}` | {r.status} | {r.stage} | {r.error.replace('|', '/')} |")
+        lines.append("")
+    if plot_name:
+        lines += ["## Latency vs. metric", "", f"![latency vs metric]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-dominated points (lower latency, higher metric), sorted by latency."""
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
+    """Median latency (log x) vs primary metric, one panel per evaluated task; random-weight
+    reference rows appear as labelled vertical lines (latency only). Returns None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.ok and r.latency_median_ms]
+    if not ok:
+        return None
+    batch = min(r.batch for r in ok)
+    tasks = [t for t in dict.fromkeys(r.task for r in ok)
+             if any(r.task == t and r.primary_value is not None for r in ok)]
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.2), squeeze=False)
+    colors = {"teacher": "tab:red", "student": "tab:blue", "reference": "tab:gray", "candidate": "tab:green"}
+    markers = {"fp32": "o", "bf16": "D", "fp16": "D", "int8": "s"}
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in ok if r.task == task and r.batch == batch]
+        threads, size = rows[0].threads, rows[0].input_h
+        rows = [r for r in rows if r.threads == threads and r.input_h == size]
+        scored = [r for r in rows if r.primary_value is not None]
+        metric = scored[0].primary_metric
+        for r in scored:
+            ax.scatter(r.latency_median_ms, r.primary_value, c=colors.get(r.role, "k"),
+                       marker=markers.get(r.precision, "o"), s=60, zorder=3, edgecolors="black", linewidths=0.5)
+            ax.annotate(f"{r.model}\n{r.backend} {r.precision}", (r.latency_median_ms, r.primary_value),
+                        textcoords="offset points", xytext=(6, 4), fontsize=7)
+        front = pareto_front([(r.latency_median_ms, r.primary_value) for r in scored])  # type: ignore[misc]
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:blue", alpha=0.5,
+                    lw=1.2, label="Pareto front")
+        ys = [r.primary_value for r in scored]
+        lo, hi = min(ys), max(ys)  # type: ignore[type-var]
+        pad = max(0.02, 0.15 * (hi - lo))  # type: ignore[operator]
+        for r in rows:
+            if r.primary_value is None:
+                ax.axvline(r.latency_median_ms, color="tab:gray", ls="--", lw=1)
+                ax.text(r.latency_median_ms, lo - pad * 0.6, f" {r.model} {r.backend} {r.precision}\n "
+                        f"({'random weights, ' if r.weights == 'random' else ''}latency only)",
+                        fontsize=7, color="dimgray", rotation=90, va="bottom", ha="right")
+        teacher = next((r for r in scored if r.role == "teacher" and r.backend == "torch"), None)
+        if teacher is not None:
+            ax.axhline(teacher.primary_value, color="tab:red", ls=":", lw=1, label="teacher (PyTorch FP32)")
+            ax.axhline(0.97 * teacher.primary_value, color="tab:red", ls="--", lw=0.8, alpha=0.5,
+                       label="97% of teacher")
+        ax.set_xscale("log")
+        ax.set_ylim(lo - pad, hi + pad)  # type: ignore[operator]
+        ax.set_xlabel(f"median latency, ms (batch {batch}, {size}x{size}, {threads} threads; log scale)")
+        ax.set_ylabel(f"{metric} ({task})")
+        ax.set_title(f"{task}: latency vs {metric} ({rows[0].suite})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.text(0.01, 0.01, "red: teacher, blue: student, grey: reference; square: INT8, circle: FP32",
+             fontsize=7, color="dimgray")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: list[BenchRecord], hw: HardwareInfo, out_dir: str | Path, *,
+                 suite: Any = None) -> dict[str, Path]:
+    """Write `report.md` and `pareto.png` (when some row has a metric) into `out_dir`."""
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    png = plot_pareto(records, out / "pareto.png")
+    if png is not None:
+        paths["plot"] = png
+    paths["report"] = out / "report.md"
+    atomic_write_text(paths["report"], render_markdown(records, hw, suite=suite,
+                                                       plot_name="pareto.png" if png else None) + "\n")
+    return paths
+
+
+def print_table(records: list[BenchRecord]) -> str:
+    """Compact plain-text table for the terminal (the demo's last output)."""
+    teachers = teacher_rows(records)
+    head = ["model", "backend", "prec", "b", "input", "median ms", "p90 ms", "x teacher", "metric", "retention",
+            "status"]
+    rows = [head]
+    for r in records:
+        ratio = latency_ratio(r, teachers)
+        rows.append([r.model, r.backend or "-", r.precision or "-", str(r.batch), f"{r.input_h}",
+                     _ms(r.latency_median_ms), _ms(r.latency_p90_ms),
+                     "-" if not ratio else f"{1 / ratio:.1f}x",
+                     f"{r.primary_metric} {_f(r.primary_value, 4)}" if r.primary_value is not None else "-",
+                     f"{100 * r.metric_retention:.1f}%" if r.metric_retention is not None else "-",
+                     r.status if r.ok else f"{r.status}: {r.error[:60]}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+__all__ = ["render_markdown", "plot_pareto", "pareto_front", "write_report", "headline", "teacher_rows",
+           "latency_ratio", "print_table"]

@@ -1,0 +1,250 @@
+"""Run a suite: prepare tasks, benchmark every form (isolated worker per form), join the teacher
+comparisons, and write records (CSV/JSON), the machine description, the markdown report and the
+latency-vs-metric plot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mirage_edge import config as _config
+from mirage_edge._io import atomic_write_text
+from mirage_edge.bench import accuracy
+from mirage_edge.bench.hardware import HardwareInfo, describe_hardware
+from mirage_edge.bench.record import BenchRecord, record_from_dict, write_records
+from mirage_edge.bench.suite import BenchSuite, Form, allowed_backends, expand, plan_forms
+from mirage_edge.bench.worker import run_form
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class BenchResult:
+    records: list[BenchRecord]
+    hardware: HardwareInfo
+    paths: dict[str, Path]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "x"
+
+
+def prepare_tasks(suite: BenchSuite, progress: Progress) -> tuple[BenchSuite, dict[str, str]]:
+    """Expand task paths, generate synthetic datasets that are missing; returns the suite with
+    absolute task paths and {task name: problem} for tasks that cannot be evaluated."""
+    problems: dict[str, str] = {}
+    tasks = []
+    for t in suite.tasks:
+        path = Path(expand(t.path, suite, t.name)).expanduser()
+        if not path.is_dir() and t.synth is not None:
+            from mirage_edge.data.synth import synthesize
+
+            progress(f"generating synthetic {t.synth.kind} data for task {t.name!r} -> {path}")
+            synthesize(path, t.synth.kind, n=t.synth.n, seed=t.synth.seed, size=t.synth.size)
+        if not path.is_dir():
+            problems[t.name] = f"dataset folder not found: {path}"
+        tasks.append(dataclasses.replace(t, path=str(path.resolve() if path.exists() else path)))
+    return dataclasses.replace(suite, tasks=tasks), problems
+
+
+def _task_classes(task: Any) -> int | None:
+    try:
+        from mirage_edge.data.layout import scan_dataset
+
+        return len(scan_dataset(Path(task.path)).classes)
+    except Exception:  # noqa: BLE001 - only a hint for building random-weight reference heads
+        return None
+
+
+def bench(suite: str | Path | BenchSuite, out_dir: str | Path | None = None, *, overrides: list[str] | None = None,
+          models: list[str] | None = None, backends: list[str] | None = None, precisions: list[str] | None = None,
+          checkpoints: list[str] | None = None, artifacts: list[str] | None = None, isolate: bool | None = None,
+          progress: Progress | None = None) -> BenchResult:
+    """The `mirage-edge bench` entry point: load a suite (path or object), add ad-hoc candidate
+    checkpoints/artifacts (labelled by folder name, evaluated on every task), run it."""
+    from mirage_edge.bench.suite import ModelSpec, load_suite
+
+    if not isinstance(suite, BenchSuite):
+        suite = load_suite(suite, overrides or [])
+    elif overrides:
+        suite = _config.load(BenchSuite, None, overrides, base=_config.to_dict(suite))
+    extra = [ModelSpec(label=Path(p).name, checkpoint=str(p)) for p in checkpoints or []]
+    extra += [ModelSpec(label=Path(p).name, artifacts=[str(p)]) for p in artifacts or []]
+    if extra:
+        suite = dataclasses.replace(suite, models=[*suite.models, *extra])
+        models = [*models, *(m.label for m in extra)] if models else None
+    out = Path(out_dir) if out_dir else Path("bench-out") / _slug(suite.name)
+    return run_suite(suite, out, backends=backends, precisions=precisions, models=models, isolate=isolate,
+                     progress=progress)
+
+
+def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | None = None,
+              precisions: list[str] | None = None, models: list[str] | None = None, isolate: bool | None = None,
+              progress: Progress | None = None) -> BenchResult:
+    """Benchmark every form of `suite` and write the records and report to `out_dir`."""
+    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tm = suite.timing
+    isolated = tm.isolate if isolate is None else isolate
+    hw = describe_hardware(threads=tm.threads[0])
+    now = _dt.datetime.now(_dt.timezone.utc)
+    base = dict(run_id=now.strftime("%Y%m%dT%H%M%SZ"), suite=suite.name, hardware=hw.summary(), cpu_model=hw.cpu_model,
+                cpu_flags=" ".join(hw.cpu_flags), cpu_count=hw.cpu_count, jetson=hw.jetson_str(),
+                versions=hw.versions_str(), timestamp=now.isoformat(timespec="seconds"))
+    suite, problems = prepare_tasks(suite, say)
+    records: list[BenchRecord] = []
+    for name, why in problems.items():
+        kind = next(t.kind for t in suite.tasks if t.name == name)
+        records.append(BenchRecord(**base, model="-", role="-", task=name, task_kind=kind, status="skipped",
+                                   stage="data", error=why))
+        say(f"task {name!r} skipped: {why}")
+
+    forms = [f for f in plan_forms(suite, backends, models)
+             if not (f.task and f.task.name in problems and _evaluates(f))]
+    forms.sort(key=lambda f: f.model.role != "teacher")  # teacher first: it anchors every ratio
+    classes = {t.name: _task_classes(t) for t in suite.tasks if t.name not in problems}
+    preds: dict[int, Path] = {}
+    for i, form in enumerate(forms):
+        t0 = time.perf_counter()
+        say(f"[{i + 1}/{len(forms)}] {form.model.label} ({form.kind}: {form.source})")
+        pred_path = work / f"preds_{i:03d}_{_slug(form.model.label)}.npz"
+        spec = {
+            "form": {"model": form.model.label, "role": form.model.role, "kind": form.kind, "source": form.source,
+                     "backend": form.backend, "problem": form.problem, "device": tm.device,
+                     "task": _config.to_dict(form.task) if form.task else None,
+                     "num_classes": classes.get(form.task.name) if form.task else None},
+            "timing": _config.to_dict(tm), "base": base, "eval_batch": suite.eval_batch,
+            "evaluate": form.model.evaluate and not (form.task and form.task.name in problems),
+            "preds_path": str(pred_path), "isolated": isolated,
+            "allowed_backends": sorted(a) if (a := allowed_backends(form, backends)) is not None else None,
+            "allowed_precisions": precisions if precisions and form.model.role != "teacher" else None,
+        }
+        rows = _run_isolated(spec, work / f"form_{i:03d}", tm.row_timeout_s, tm.threads[0]) if isolated \
+            else run_form(spec)
+        recs = [record_from_dict(r) for r in rows]
+        if pred_path.is_file():
+            preds[id(form)] = pred_path
+        for r in recs:
+            r._form = form  # type: ignore[attr-defined]  # joined below, never serialised
+        records.extend(recs)
+        for r in recs:
+            lat = f"{r.latency_median_ms:.2f} ms" if r.latency_median_ms is not None else "-"
+            metric = f" {r.primary_metric}={r.primary_value:.4f}" if r.primary_value is not None else ""
+            say(f"    {r.label} b{r.batch} {r.input_h}px t{r.threads}: {r.status} {lat}{metric}"
+                f"{'  ' + r.error if r.error else ''}")
+        say(f"    ({time.perf_counter() - t0:.1f} s)")
+
+    _join_teacher(records, preds)
+    _fill_descriptive(records)
+    for r in records:
+        r.__dict__.pop("_form", None)
+    paths = write_records(records, out)
+    paths["hardware"] = out / "hardware.json"
+    atomic_write_text(paths["hardware"], json.dumps(hw.to_dict(), indent=1) + "\n")
+    atomic_write_text(out / "suite.toml", _config.dumps_toml(_config.to_dict(suite)))
+    from mirage_edge.bench.report import write_report
+
+    paths.update(write_report(records, hw, out, suite=suite))
+    return BenchResult(records, hw, paths)
+
+
+def _evaluates(form: Form) -> bool:
+    """Does this form need its task's data (trained weights, evaluation on)?"""
+    return form.model.evaluate and not (form.kind == "torch" and form.model.registry and not form.model.checkpoint)
+
+
+def _run_isolated(spec: dict[str, Any], stem: Path, timeout: float, threads: int) -> list[dict[str, Any]]:
+    """Run one form in a fresh interpreter; a crash, hang or non-zero exit becomes an error row."""
+    from mirage_edge.bench.runners import cpu_threads_env
+
+    spec_path, out_path = stem.with_suffix(".spec.json"), stem.with_suffix(".out.json")
+    out_path.unlink(missing_ok=True)
+    atomic_write_text(spec_path, json.dumps(spec))
+    env = cpu_threads_env(threads)
+    # the worker imports exactly what this process can (suite factories may live outside the package)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
+    status, error = "error", ""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mirage_edge.bench.worker", str(spec_path), str(out_path)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if out_path.is_file():
+            payload = json.loads(out_path.read_text(encoding="utf-8"))
+            if payload.get("records") or not payload.get("error"):
+                return payload["records"]
+            error = payload["error"]
+        else:
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            error = f"worker exited with code {proc.returncode} ({_signal_name(proc.returncode)}): " + " | ".join(tail)
+    except subprocess.TimeoutExpired:
+        status, error = "timeout", f"worker did not finish within {timeout:.0f} s"
+    form, base = spec["form"], spec["base"]
+    task = form.get("task") or {}
+    rec = BenchRecord(**base, model=form["model"], role=form["role"], source=form["source"],
+                      backend=form.get("backend", ""), task=task.get("name", ""), task_kind=task.get("kind", ""),
+                      threads=threads, status=status, stage="worker", error=error[:800])
+    return [dataclasses.asdict(rec)]
+
+
+def _signal_name(code: int) -> str:
+    if code >= 0:
+        return "exit"
+    import signal
+
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _join_teacher(records: list[BenchRecord], preds: dict[int, Path]) -> None:
+    """Teacher agreement and metric retention against the teacher's PyTorch row of the same task."""
+    teachers = {}
+    for r in records:
+        form = getattr(r, "_form", None)
+        if form is not None and r.role == "teacher" and form.kind == "torch" and r.status == "ok" and r.task:
+            teachers.setdefault(r.task, (r, form))
+    cache: dict[int, Any] = {}
+
+    def load(form: Form, kind: str) -> Any:
+        if id(form) not in cache:
+            cache[id(form)] = accuracy.load_preds(preds[id(form)], kind) if id(form) in preds else None
+        return cache[id(form)]
+
+    for r in records:
+        form = getattr(r, "_form", None)
+        if form is None or r.task not in teachers or r.status != "ok":
+            continue
+        t_rec, t_form = teachers[r.task]
+        if r.primary_value is not None and t_rec.primary_value:
+            r.metric_retention = r.primary_value / t_rec.primary_value
+        mine, theirs = load(form, r.task_kind), load(t_form, r.task_kind)
+        if mine is not None and theirs is not None and len(mine) == len(theirs):
+            num_classes = len(theirs[0]) if r.task_kind == "cls" else 0
+            r.teacher_agreement = accuracy.agreement(r.task_kind, mine, theirs, num_classes)
+
+
+def _fill_descriptive(records: list[BenchRecord]) -> None:
+    """Artifacts carry no parameter/FLOP counts: take them from the same model's PyTorch row."""
+    ref = {(r.model, r.input_h): r for r in records if r.backend == "torch" and r.params_m is not None}
+    for r in records:
+        src = ref.get((r.model, r.input_h))
+        if src is None or r is src:
+            continue
+        if r.params_m is None:
+            r.params_m = src.params_m
+        if r.gflops is None and src.gflops is not None:
+            r.gflops = src.gflops
+            r.notes = "; ".join(n for n in (r.notes, "params/GFLOPs from the PyTorch model") if n)
+
+
+__all__ = ["bench", "run_suite", "BenchResult", "prepare_tasks"]

@@ -1,0 +1,198 @@
+"""Runners: one interface over everything the bench can time and evaluate.
+
+A `Runner` loads a model in one form with a thread count, reports its fixed input dims, and maps a
+preprocessed float32 batch (B x 1 x H x W in [0, 1]) to logits (B x K for classification, B x K x H x
+W for segmentation). `TorchRunner` wraps an `nn.Module` (our checkpoints, registered models with
+random weights); `ArtifactRunner` runs an exported folder through the torch-free runtime (the
+exact artifact a device ships); a suite `factory` can return any other `Runner`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mirage_edge.errors import ConfigError, MirageEdgeError
+
+
+class Runner:
+    """Base class. Subclasses set the class attributes and implement `load` and `infer`."""
+
+    backend: str = ""
+    precision: str = "fp32"
+    device: str = "cpu"
+    weights: str = "trained"        # "random": latency-only row, never evaluated
+    task_kind: str = ""             # "cls" | "seg" | "" (unknown)
+    classes: list[str] = []
+    notes: str = ""
+
+    def load(self, threads: int) -> None:
+        """(Re)build the model/session using `threads` threads. Timed as the row's load time."""
+        raise NotImplementedError
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """B x 1 x H x W float32 -> logits (B x K or B x K x H x W) as a numpy array."""
+        raise NotImplementedError
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Raw grey H x W image -> 1 x H' x W' float32 with this model's own preprocessing spec."""
+        from mirage_edge.data.preprocess import preprocess
+
+        spec = self.preprocess_spec()
+        if spec is None:
+            raise MirageEdgeError(f"{type(self).__name__} has no preprocessing spec; cannot evaluate")
+        return preprocess(image, spec)
+
+    def preprocess_spec(self) -> Any:
+        return None
+
+    def fixed_input(self) -> tuple[int | None, int | None, int | None]:
+        """(batch, height, width) the model is fixed to; None for a dynamic axis."""
+        return (None, None, None)
+
+    def set_input_size(self, height: int, width: int) -> None:
+        """Prepare the loaded model for H x W inputs (e.g. rebuild fixed positional tables)."""
+
+    def file_size_mb(self) -> float | None:
+        return None
+
+    def params_m(self) -> float | None:
+        return None
+
+    def gflops(self, height: int, width: int) -> float | None:
+        """2 x MACs for one B x 1 x height x width image at batch 1."""
+        return None
+
+    def close(self) -> None:
+        """Drop the model so the next `load` starts from a clean slate."""
+
+
+def dir_size_mb(path: str | Path, files: list[str] | None = None) -> float:
+    """Size of a file, of `files` inside a folder, or of every model file of a folder, in MB."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size / 2**20
+    names = [p / f for f in files] if files else [q for q in p.rglob("*") if q.is_file()]
+    return sum(q.stat().st_size for q in names if q.is_file()) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch
+# ---------------------------------------------------------------------------------------------
+
+class TorchRunner(Runner):
+    """An `nn.Module` taking B x 1 x H x W, run eagerly in fp32 under `torch.inference_mode`.
+
+    `build()` returns the module (called on every `load`, so load time includes construction and
+    weight loading). `files` are the weight files counted as the row's size.
+    """
+
+    backend = "torch"
+
+    def __init__(self, build: Callable[[], Any], *, task_kind: str = "", classes: list[str] | None = None,
+                 spec: Any = None, weights: str = "trained", files: list[Path] | None = None,
+                 input_size: tuple[int, int] | None = None, notes: str = "") -> None:
+        self._build = build
+        self.task_kind = task_kind
+        self.classes = list(classes or [])
+        self._spec = spec
+        self.weights = weights
+        self._files = list(files or [])
+        self._input_size = input_size
+        self.notes = notes
+        self.module: Any = None
+
+    def load(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.close()
+        self.module = self._build().eval()
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(torch.from_numpy(x))
+        if isinstance(out, dict):  # some heads return {"logits": ...}
+            out = out.get("logits", next(iter(out.values())))
+        return out.float().numpy()
+
+    def preprocess_spec(self) -> Any:
+        return self._spec
+
+    def file_size_mb(self) -> float | None:
+        files = [f for f in self._files if Path(f).is_file()]
+        return sum(Path(f).stat().st_size for f in files) / 2**20 if files else None
+
+    def params_m(self) -> float | None:
+        return None if self.module is None else sum(p.numel() for p in self.module.parameters()) / 1e6
+
+    def gflops(self, height: int, width: int) -> float | None:
+        return None if self.module is None else torch_gflops(self.module, height, width)
+
+    def close(self) -> None:
+        self.module = None
+
+
+def torch_gflops(module: Any, height: int, width: int) -> float | None:
+    """FLOPs (2 x MACs of matmul/conv/bmm) of one 1 x 1 x H x W forward, with torch's FlopCounterMode.
+
+    Fused SDPA kernels are not counted by FlopCounterMode on CPU, so modules exposing `fused_attn`
+    (timm and our MIRAGE attention) are switched to the explicit matmul path while counting.
+    Returns None if the forward fails at this size (e.g. a fixed positional table).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    switched = [m for m in module.modules() if getattr(m, "fused_attn", None) is True]
+    for m in switched:
+        m.fused_attn = False
+    try:
+        x = torch.zeros(1, 1, height, width)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(x)
+        return counter.get_total_flops() / 1e9
+    except Exception:  # noqa: BLE001 - FLOPs are optional; the timing row reports real failures
+        return None
+    finally:
+        for m in switched:
+            m.fused_attn = True
+
+
+# ---------------------------------------------------------------------------------------------
+# factory ("module:function")
+# ---------------------------------------------------------------------------------------------
+
+def load_factory(ref: str) -> Callable[..., Runner]:
+    """Resolve "package.module:function" (a suite's `factory`)."""
+    module, sep, attr = ref.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"factory {ref!r} must look like 'package.module:function'")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import factory {ref!r}: {exc}") from exc
+    if not callable(obj):
+        raise ConfigError(f"factory {ref!r} is not callable")
+    return obj
+
+
+def make_input(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Deterministic B x 1 x H x W float32 input in [0, 1] for latency (dense compute ignores content)."""
+    rng = np.random.default_rng(seed)
+    return rng.random((batch, 1, height, width), dtype=np.float32)
+
+
+def cpu_threads_env(threads: int) -> dict[str, str]:
+    """Environment for a worker process using `threads` threads."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+__all__ = ["Runner", "TorchRunner", "torch_gflops", "load_factory", "make_input", "dir_size_mb", "cpu_threads_env"]

@@ -1,0 +1,205 @@
+"""Benchmark suites: typed, strict TOML (`benchmarks/suites/*.toml`) -> `BenchSuite`, and the row plan.
+
+A suite names tasks (datasets to evaluate on) and models. A model has up to three *forms*, each
+benchmarked as its own row(s): a PyTorch module (`checkpoint` folder or `registry` name, random
+weights when no checkpoint), exported `artifacts` (folders or globs; one row each), or a custom
+`factory` ("module:function" returning a `Runner`). Every form is timed at each (threads, batch,
+input size) of `[timing]` and evaluated once on each of its tasks. Paths may use `{root}` (runs
+folder, `--root`), `{data}` (datasets folder, `--data`) and `{task}` (the task's name). Torch-free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mirage_edge import config as _config
+from mirage_edge.errors import ConfigError
+
+Role = Literal["teacher", "student", "reference", "candidate"]
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "callable")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+@dataclass
+class TimingConfig:
+    """How rows are timed. Latency input is B x 1 x S x S for each S in `input_sizes`."""
+
+    threads: list[int] = field(default_factory=lambda: [2])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    input_sizes: list[int] = field(default_factory=lambda: [512])
+    warmup: int = 3
+    min_warmup_s: float = 0.2
+    min_iters: int = 5        # always timed, even past the budget (ViT-L at ~1 s/call)
+    max_iters: int = 300
+    budget_s: float = 2.0     # timed seconds per row once min_iters are done
+    isolate: bool = True      # one fresh worker process per model form (crash isolation, own peak RSS)
+    row_timeout_s: float = 900.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "batch_sizes", "input_sizes"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"timing.{name} must be a non-empty list of positive integers, got {values}")
+        if self.min_iters < 1 or self.max_iters < self.min_iters:
+            raise ValueError(f"need 1 <= timing.min_iters <= timing.max_iters, got {self.min_iters}, {self.max_iters}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"timing.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass
+class SynthSpec:
+    """Generate the task's dataset with `mirage_edge.data.synth.synthesize` when its folder is missing."""
+
+    kind: Literal["layers", "fluid", "cls", "multimodal"] = "fluid"
+    n: int = 48
+    seed: int = 0
+    size: int = 512
+
+
+@dataclass
+class TaskSpec:
+    """A dataset in the RetinaBench layout to evaluate on (`path/<split>/...`)."""
+
+    name: str
+    kind: Literal["cls", "seg"]
+    path: str
+    split: str = "test"
+    max_samples: int = 0          # 0 = every sample of the split
+    synth: SynthSpec | None = None
+    description: str = ""
+
+
+@dataclass
+class ModelSpec:
+    label: str
+    role: Role = "candidate"
+    checkpoint: str = ""          # our checkpoint folder (model.safetensors + config.json)
+    registry: str = ""            # registered model name; random weights unless `checkpoint` is set
+    artifacts: list[str] = field(default_factory=list)  # artifact folders or globs
+    factory: str = ""             # "module:function" -> Runner (custom backends, tests)
+    tasks: list[str] = field(default_factory=list)      # empty: every task of the suite
+    backends: list[str] = field(default_factory=list)   # empty: every backend its forms offer
+    evaluate: bool = True         # False: latency-only rows (random weights never evaluate)
+
+    def __post_init__(self) -> None:
+        if not (self.checkpoint or self.registry or self.artifacts or self.factory):
+            raise ValueError(f"model {self.label!r} needs one of checkpoint, registry, artifacts or factory")
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad:
+            raise ValueError(f"model {self.label!r}: unknown backend(s) {bad}; choose from {list(BACKENDS)}")
+
+
+@dataclass
+class BenchSuite:
+    name: str
+    tasks: list[TaskSpec]
+    models: list[ModelSpec]
+    description: str = ""
+    root: str = "demo-out"
+    data: str = "data"
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    eval_batch: int = 4
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model labels must be unique, got {labels}")
+        for m in self.models:
+            unknown = [t for t in m.tasks if t not in names]
+            if unknown:
+                raise ValueError(f"model {m.label!r} names unknown task(s) {unknown}; suite tasks: {names}")
+
+
+def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BenchSuite:
+    """Read a suite TOML strictly (unknown keys / wrong types -> ConfigError naming key and file)."""
+    return _config.load(BenchSuite, path, overrides)
+
+
+def expand(text: str, suite: BenchSuite, task: str = "") -> str:
+    """Substitute {root}, {data} and {task} in a suite path."""
+    try:
+        return text.format(root=suite.root, data=suite.data, task=task)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"suite {suite.name!r}: bad placeholder in {text!r} (use {{root}}, {{data}}, {{task}})") from exc
+
+
+@dataclass
+class Form:
+    """One benchmarkable thing: a model in one form (torch module / artifact folder / factory)."""
+
+    model: ModelSpec
+    kind: Literal["torch", "artifact", "factory"]
+    source: str                   # folder, registry name or "module:function"
+    task: TaskSpec | None
+    backend: str = ""             # "" = decided when loaded (artifacts: from metadata)
+    problem: str = ""             # non-empty: cannot run (e.g. no artifact matches); becomes an error row
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.label}|{self.kind}|{self.source}|{self.backend}|{self.task.name if self.task else ''}"
+
+
+def _artifact_dirs(pattern: str) -> list[str]:
+    if any(ch in pattern for ch in "*?["):
+        hits = sorted(glob.glob(pattern))
+        return [h for h in hits if Path(h).is_dir()]
+    return [pattern]
+
+
+def plan_forms(suite: BenchSuite, backends: list[str] | None = None, models: list[str] | None = None) -> list[Form]:
+    """All forms of the suite, in suite order; teacher forms are always kept (the reference of every ratio).
+
+    `backends`/`models` filter rows (CLI flags); artifacts whose backend is only known from their
+    metadata are filtered after loading, in the runner.
+    """
+    forms: list[Form] = []
+    for m in suite.models:
+        if models and m.label not in models and m.role != "teacher":
+            continue
+        tasks = [t for t in suite.tasks if not m.tasks or t.name in m.tasks] or [None]
+        for task in tasks:
+            tname = task.name if task else ""
+            if m.factory:
+                forms.append(Form(m, "factory", m.factory, task, backend="callable"))
+            if m.checkpoint or m.registry:
+                src = expand(m.checkpoint, suite, tname) if m.checkpoint else m.registry
+                forms.append(Form(m, "torch", src, task, backend="torch"))
+            for pattern in m.artifacts:
+                pat = expand(pattern, suite, tname)
+                dirs = _artifact_dirs(pat)
+                if not dirs:
+                    forms.append(Form(m, "artifact", pat, task, problem=f"no artifact folder matches {pat}"))
+                forms.extend(Form(m, "artifact", d, task) for d in dirs)
+    out = []
+    for f in forms:
+        allowed = allowed_backends(f, backends)
+        if allowed is None or not f.backend or f.backend in allowed:
+            out.append(f)
+    return out
+
+
+def allowed_backends(form: Form, backends: list[str] | None) -> set[str] | None:
+    """Backends a form may run on after its artifact metadata is known (None = any)."""
+    allowed = set(form.model.backends) if form.model.backends else None
+    if backends and form.model.role != "teacher":
+        allowed = (allowed or set(BACKENDS)) & set(backends)
+    return allowed
+
+
+def suite_to_toml(suite: BenchSuite) -> str:
+    return _config.dumps_toml(_config.to_dict(suite))
+
+
+def replace(suite: BenchSuite, **changes: object) -> BenchSuite:
+    return dataclasses.replace(suite, **changes)  # type: ignore[arg-type]
+
+
+__all__ = ["BenchSuite", "TimingConfig", "TaskSpec", "SynthSpec", "ModelSpec", "Form", "load_suite", "plan_forms",
+           "expand", "allowed_backends", "suite_to_toml", "BACKENDS", "PRECISIONS"]

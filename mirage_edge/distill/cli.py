@@ -1,0 +1,80 @@
+"""`mirage-edge distill`: parse flags into a `DistillRecipe`, call `mirage_edge.distill.distill`.
+
+Only click / stdlib / mirage_edge.config / errors at import time; torch loads inside the command.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+_TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "cls", "none": "none",
+          "auto": "auto"}
+
+
+@click.command("distill")
+@click.option("--recipe", default=None, metavar="NAME|PATH",
+              help="Recipe TOML (a path, or a name in distill/recipes/, e.g. tiny-demo).")
+@click.option("--teacher", default=None, metavar="NAME|PATH|hf:DIR",
+              help="Teacher: registered name (mirage-large), checkpoint path (ours or official .pth) or hf:<dir>.")
+@click.option("--teacher-config", default=None, metavar="JSON",
+              help="Dimensions of an official checkpoint of a non-standard size (e.g. tiny_config.json).")
+@click.option("--student", default=None, metavar="NAME",
+              help="Student (mobilenetv4_conv_small, vit_tiny_patch32, repvit_m0_9, mobileone_s0, student-tiny).")
+@click.option("--data", "data_path", default=None, metavar="DIR", help="RetinaBench folder (or any image folder).")
+@click.option("--task", type=click.Choice(sorted(_TASKS)), default=None,
+              help="seg | cls (task-aware stage 2 needs a fine-tuned teacher) | none (feature KD only).")
+@click.option("--qat/--no-qat", default=None, help="Quantization-aware INT8 training + Q/DQ ONNX export.")
+@click.option("--image-size", type=int, default=None, help="Square input size (multiple of 32).")
+@click.option("--out", "out_dir", default=None, help="Output folder (stage runs, student/, student_int8/, report.json).")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N | auto (default cpu).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (finished stages are reused).")
+@click.option("--overwrite", is_flag=True, help="Delete a non-empty --out first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the test report as JSON at the end.")
+@click.argument("overrides", nargs=-1)
+def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | None, student: str | None,
+                data_path: str | None, task: str | None, qat: bool | None, image_size: int | None,
+                out_dir: str | None, device: str | None, resume: bool, overwrite: bool, as_json: bool,
+                overrides: tuple[str, ...]) -> None:
+    """Distill a MIRAGE teacher into an edge student (feature KD, task KD, optional QAT INT8).
+
+    OVERRIDES are recipe settings as key=value (e.g. stage1.epochs=3 qat.lr=5e-5), applied last.
+
+    \b
+    Examples:
+      mirage-edge distill --recipe tiny-demo --data data/layers
+      mirage-edge distill --recipe mirage-large-mnv4-layers --teacher runs/teacher_seg --data data/layers --qat
+      mirage-edge distill --teacher tiny_official.pth --teacher-config tiny_config.json --student student-tiny \\
+          --data data/mm --task none --image-size 64
+    """
+    from mirage_edge.distill.recipe import load_recipe
+
+    flags: dict[str, Any] = {
+        "teacher.model": teacher, "teacher.config": teacher_config, "student.name": student,
+        "data.path": data_path, "data.task": _TASKS[task] if task else None, "qat.enabled": qat,
+        "data.image_size": image_size, "out": out_dir, "run.device": device,
+    }
+    flag_overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    rec = load_recipe(recipe, [*flag_overrides, *overrides])
+
+    from mirage_edge.distill.loop import distill
+
+    result = distill(rec, resume=resume, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    test = result.report.get("test", {})
+    click.echo(f"student: {result.student_dir}")
+    if result.onnx_path:
+        click.echo(f"int8:    {result.int8_dir} ({result.onnx_path.name}, explicit Q/DQ)")
+    if "metric" in test:
+        line = (f"test {test['metric']}: teacher {test['teacher_value']:.4f}  student {test['student_value']:.4f} "
+                f"({100 * test['retention']:.1f}% of teacher)")
+        if "int8_value" in test:
+            line += f"  int8(ORT) {test['int8_value']:.4f} ({test['int8_minus_fp32_points']:+.2f} pts vs fp32)"
+        click.echo(line)
+    if "feature_cosine" in test:
+        click.echo(f"test feature cosine vs teacher: {test['feature_cosine']:.4f}")
+    if as_json:
+        click.echo(json.dumps(result.report, indent=1, default=str))
+
+
+__all__ = ["distill_cmd"]

@@ -1,0 +1,101 @@
+"""Evaluation of teacher vs student (FP32 torch, INT8 ONNX Runtime): task metrics and agreement.
+
+Task metrics come from `mirage_edge.metrics` (per-volume Dice for segmentation, BAcc & co. for
+classification). Agreement with the teacher: segmentation "prediction Dice" (mean foreground Dice
+between the student's and the teacher's argmax maps, the teacher's map taken as reference),
+classification top-1 agreement, and the mean per-token cosine between the (projected) student
+tokens and the teacher tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from mirage_edge.distill.data import DistillSamples, collate
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def batches(ds: DistillSamples, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Un-augmented (view 0) batches of `ds` in order."""
+    for start in range(0, len(ds), batch_size):
+        yield collate([ds.load(i, 0) for i in range(start, min(len(ds), start + batch_size))])
+
+
+@torch.no_grad()
+def collect(ds: DistillSamples, predict: Predict, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run `predict` (B x 1 x H x W -> logits) over `ds`; returns (stacked logits float32, labels)."""
+    outs, labels = [], []
+    for b in batches(ds, batch_size):
+        outs.append(predict(b["bscan"]).float().cpu().numpy())
+        if "label" in b:
+            labels.append(b["label"].numpy())
+    return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+
+def task_metrics(task: str, logits: np.ndarray, labels: np.ndarray, ds: DistillSamples) -> dict[str, float]:
+    """Headline metrics of one model: seg -> per-volume Dice etc.; cls -> BAcc etc."""
+    from mirage_edge import metrics
+
+    if task == "segmentation":
+        pred = logits.argmax(1)
+        vols = [s.volume for s in ds.samples]
+        m = metrics.segmentation_metrics(pred, labels, vols, ds.index.classes or None)
+    else:
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        m = metrics.classification_metrics(labels, e / e.sum(1, keepdims=True))
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating, np.integer))}
+
+
+def headline(task: str, m: dict[str, float]) -> tuple[str, float]:
+    """The metric the done-criteria use: mean foreground Dice (seg) or balanced accuracy (cls)."""
+    keys = ("dice", "mean_dice", "dice_mean") if task == "segmentation" else ("bacc", "balanced_accuracy")
+    for k in keys:
+        if k in m:
+            return k, m[k]
+    cand = [k for k in m if ("dice" if task == "segmentation" else "bacc") in k.lower()]
+    if not cand:
+        raise KeyError(f"no {'Dice' if task == 'segmentation' else 'BAcc'} among metrics {sorted(m)}")
+    return cand[0], m[cand[0]]
+
+
+def prediction_dice(student_pred: np.ndarray, teacher_pred: np.ndarray, num_classes: int,
+                    background: int = 0) -> float:
+    """Mean Dice over foreground classes between two N x H x W label maps (classes absent in both skipped)."""
+    scores = []
+    for c in range(num_classes):
+        if c == background:
+            continue
+        a, b = student_pred == c, teacher_pred == c
+        denom = a.sum() + b.sum()
+        if denom == 0:
+            continue
+        scores.append(2.0 * np.logical_and(a, b).sum() / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def agreement(task: str, student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
+    s, t = student_logits.argmax(1), teacher_logits.argmax(1)
+    if task == "segmentation":
+        return {"pred_dice_vs_teacher": prediction_dice(s, t, student_logits.shape[1]),
+                "pixel_agreement": float((s == t).mean())}
+    return {"top1_agreement": float((s == t).mean())}
+
+
+@torch.no_grad()
+def feature_cosine(ds: DistillSamples, student_tokens: Predict, teacher: Any, batch_size: int = 16) -> float:
+    """Mean per-token cosine between student tokens (B x (N+G) x D) and the teacher's targets."""
+    from mirage_edge.distill.losses import token_cosine
+
+    total, n = 0.0, 0
+    for b in batches(ds, batch_size):
+        t = teacher.targets(b)["tokens"]
+        s = student_tokens(b["bscan"])
+        total += float(token_cosine(s, t)) * len(t)
+        n += len(t)
+    return total / max(n, 1)
+
+
+__all__ = ["collect", "task_metrics", "headline", "agreement", "prediction_dice", "feature_cosine", "batches"]

@@ -1,0 +1,403 @@
+"""`distill(recipe)`: teacher -> student in up to three stages, each run by the generic trainer.
+
+Stage 1 (task-agnostic): the projected student matches the teacher's B-scan token map (+ chosen
+intermediate blocks) on images of the training split (labels unused), targets from the teacher
+cache. Stage 2 (task-aware, fine-tuned teacher only): logit KD (+ CE, + generalized Dice for
+segmentation) with the teacher's head reused on the projected tokens ("drop_in") or a fresh head.
+QAT: NNCF fake-quant INT8, trained with the FP32 student as KD teacher, exported to Q/DQ ONNX and
+evaluated in ONNX Runtime.
+
+Output folder (`recipe.out`)::
+
+    recipe.toml              the resolved recipe
+    stage1/ stage2/ qat/     trainer run dirs (metrics.jsonl, checkpoints/, final/ + DONE)
+    student/                 FP32 student checkpoint (mirage_edge.distill.student_io)
+    student_int8/            QAT checkpoint + model.onnx (explicit Q/DQ)
+    report.json              test metrics: teacher, FP32 student, INT8 (ORT); agreement; timings
+
+Resume (`resume=True`): finished stages (DONE marker) are skipped and their weights reloaded; an
+unfinished stage continues from its latest checkpoint (the trainer's exact resume).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mirage_edge import config as cfgmod
+from mirage_edge._io import atomic_write_text
+from mirage_edge.data.preprocess import PreprocessSpec
+from mirage_edge.distill import evaluate as ev
+from mirage_edge.distill.cache import CacheKey, TeacherCache
+from mirage_edge.distill.data import DistillSamples, collate, open_index
+from mirage_edge.distill.losses import feature_loss, task_kd_loss
+from mirage_edge.distill.projector import ProjectedStudent
+from mirage_edge.distill.recipe import DistillRecipe, TaskLossConfig
+from mirage_edge.distill.student_io import save_student
+from mirage_edge.distill.teacher import Teacher, load_teacher
+from mirage_edge.errors import CheckpointError, ConfigError, DataError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class DistillResult:
+    out_dir: Path
+    student_dir: Path
+    int8_dir: Path | None
+    onnx_path: Path | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root(spec_dir: str) -> Path:
+    if spec_dir:
+        return Path(spec_dir)
+    home = Path(os.environ.get("MIRAGE_EDGE_HOME", Path.home() / ".cache" / "mirage-edge"))
+    return home / "cache" / "teacher"
+
+
+# ------------------------------------------------------------------------------------- cache fill
+def fill_cache(cache: TeacherCache, ds: DistillSamples, teacher: Teacher, with_logits: bool,
+               batch_size: int, log: Log) -> dict[str, Any]:
+    """Compute the teacher targets missing from `cache` for every (sample, view) of `ds`."""
+    todo = cache.missing([(ds.sample_id(i), ds.fingerprint(i)) for i in range(len(ds))])
+    pos = {ds.sample_id(i): i for i in range(len(ds))}
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch = collate([ds.load(pos[sid], v) for sid, v in chunk])
+        out = teacher.targets(batch, with_logits=with_logits)
+        for j, (sid, v) in enumerate(chunk):
+            cache.write(sid, v, {k: out[k][j].cpu().numpy() for k in cache.key.outputs})
+        if (start // batch_size) % 20 == 19:
+            cache.commit()
+    cache.commit()
+    dt = time.perf_counter() - t0
+    if todo:
+        log(f"teacher cache {cache.dir}: computed {len(todo)} entries in {dt:.1f} s ({cache.status})")
+    else:
+        log(f"teacher cache {cache.dir}: all {len(ds) * cache.key.views} entries reused ({cache.status})")
+    return {"dir": str(cache.dir), "status": cache.status, "computed": len(todo), "seconds": dt}
+
+
+def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, with_logits: bool,
+                 log: Log) -> dict[str, Any]:
+    shapes = teacher.output_shapes(with_logits)
+    if with_logits:  # stage 2 only needs the logits (and tokens for the optional feature term)
+        shapes = {k: v for k, v in shapes.items() if k == "logits" or (k == "tokens" and recipe.stage2.loss.feature)}
+    key = CacheKey(teacher_hash=teacher.weights_hash(), outputs=shapes, modalities=teacher.modalities,
+                   preprocess=cfgmod.to_dict(ds.spec), augment=cfgmod.to_dict(ds.augment) if ds.augment else {},
+                   aug_seed=ds.aug_seed, views=ds.views)
+    cache = TeacherCache(cache_root(recipe.cache.dir), key, recipe.cache.shard_size).open()
+    stats = fill_cache(cache, ds, teacher, with_logits, recipe.run.eval_batch_size, log)
+    ds.cache = cache
+    return stats
+
+
+def _online_targets(teacher: Teacher, batch: dict[str, Any], with_logits: bool) -> dict[str, torch.Tensor]:
+    if any(k.startswith("t_") for k in batch):
+        return {k[2:]: v for k, v in batch.items() if k.startswith("t_")}
+    return teacher.targets(batch, with_logits=with_logits)
+
+
+# ------------------------------------------------------------------------------------- trainer glue
+def _loop_config(recipe: DistillRecipe, stage: Any) -> Any:
+    from mirage_edge.train.config import LoopConfig
+
+    r = recipe.run
+    return LoopConfig(device=r.device, epochs=max(1, stage.epochs), max_steps=stage.max_steps,
+                      batch_size=stage.batch_size, seed=r.seed, log_every=r.log_every,
+                      checkpoint_every=r.checkpoint_every, progress=r.progress, num_workers=r.num_workers,
+                      threads=r.threads, eval_every=max(1, stage.epochs))
+
+
+def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples, stage: Any,
+               recipe: DistillRecipe, out: Path, resume: bool, log: Log,
+               evaluate: Callable | None = None, monitor: str | None = None) -> dict[str, Any]:
+    """Train `model` for one stage with the generic Trainer; reuse a finished stage on resume."""
+    from safetensors.torch import load_file, save_file
+
+    from mirage_edge.train.engine import Trainer
+    from mirage_edge.train.optim import CosineSchedule
+
+    run_dir = out / name
+    done = run_dir / "DONE.json"
+    final = run_dir / "final.safetensors"
+    if done.is_file() and final.is_file():
+        if not resume:
+            raise CheckpointError(f"{run_dir} already holds a finished stage; pass resume=True (--resume) "
+                                  f"or use a new output folder")
+        model.load_state_dict(load_file(str(final)), strict=True)
+        log(f"{name}: finished earlier, weights reloaded from {final}")
+        return json.loads(done.read_text())
+    loop = _loop_config(recipe, stage)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    n_steps = (len(ds) // stage.batch_size) * stage.epochs
+    total = min(n_steps, stage.max_steps) if stage.max_steps else n_steps
+    sched = CosineSchedule(base_lr=stage.lr, total_steps=max(1, total), warmup_steps=stage.warmup_steps,
+                           min_lr=stage.lr * 0.01)
+
+    def save_weights(m: nn.Module, d: Path) -> None:
+        from mirage_edge._io import atomic_path
+
+        with atomic_path(d / "model.safetensors") as tmp:
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in m.state_dict().items()}, str(tmp))
+        atomic_write_text(d / "config.json", json.dumps({"format": "mirage-edge-distill-stage", "stage": name}))
+
+    trainer = Trainer(model, loss_fn, ds, loop=loop, optimizer=opt, schedule=sched, run_dir=run_dir,
+                      evaluate=evaluate, monitor=monitor, mode="max", config=recipe.to_dict(), collate_fn=collate,
+                      save_model_fn=save_weights, description=f"distill {name}")
+    res = trainer.fit(resume="auto" if resume else None)
+    if monitor and res.best_dir is not None and (res.best_dir / "model.safetensors").is_file():
+        model.load_state_dict(load_file(str(res.best_dir / "model.safetensors")), strict=True)
+        log(f"{name}: using best {monitor} {res.best_metric:.4f} (step {res.best_step})")
+    from mirage_edge._io import atomic_path
+
+    with atomic_path(final) as tmp:
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    summary = {"steps": res.steps, "seconds": res.seconds, "samples_per_s": res.samples_per_s,
+               "last_loss": res.last_loss, "best": res.best_metric, "history": res.history}
+    atomic_write_text(done, json.dumps(summary, default=str))
+    return summary
+
+
+# ------------------------------------------------------------------------------------- the pipeline
+def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
+    out = Path(recipe.out)
+    saved = out / "recipe.toml"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
+            raise ConfigError(f"output folder {out} is not empty; pass --resume to continue it or --overwrite")
+        elif saved.is_file():
+            old = cfgmod.read_file(saved)
+            new = json.loads(json.dumps(recipe.to_dict()))
+            diff = sorted(k for k in set(old) | set(new) if k != "run" and old.get(k) != new.get(k))
+            if diff:
+                raise CheckpointError(f"cannot resume {out}: recipe differs from the saved one in {diff}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, cfgmod.dumps_toml(recipe.to_dict()))
+    return out
+
+
+def _teacher(recipe: DistillRecipe, log: Log) -> Teacher:
+    size = recipe.data.image_size
+    model = load_teacher(recipe.teacher.model, pretrained=recipe.teacher.pretrained, input_size=size,
+                         config=recipe.teacher.config or None)
+    enc = getattr(model, "encoder", model) if hasattr(model, "head") else model
+    if tuple(enc.input_size) != (size, size):
+        if not hasattr(enc, "set_input_size"):
+            raise ConfigError(f"teacher input size {tuple(enc.input_size)} != data.image_size {size}")
+        log(f"teacher built for {tuple(enc.input_size)}: positional tables resampled to {size}x{size}")
+        enc.set_input_size(size)
+    return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model)
+
+
+def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, DistillSamples | None, DistillSamples | None]:
+    d = recipe.data
+    if not d.path:
+        raise ConfigError("data.path is empty: give --data DIR (a RetinaBench folder or an image folder)")
+    index = open_index(d.path, d.task)
+    spec = PreprocessSpec(size=(d.image_size, d.image_size), scaling=d.scaling, minmax_order=d.minmax_order)
+    aug = None
+    if d.augment:
+        from mirage_edge.data.transforms import AugmentConfig
+
+        aug = AugmentConfig()
+    splits = set(index.splits)
+    train_split = d.train_split if d.train_split in splits else None
+    train = DistillSamples(index, train_split, spec, teacher.modalities, views=d.views, augment=aug,
+                           aug_seed=d.aug_seed, limit=d.limit)
+
+    def split(name: str) -> DistillSamples | None:
+        return DistillSamples(index, name, spec, teacher.modalities) if name in splits else None
+
+    return train, split(d.val_split), split(d.test_split)
+
+
+def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False,
+            log: Log | None = None) -> DistillResult:
+    """Run the recipe end to end (see module docstring); returns paths and the test report."""
+    log = log or (lambda m: print(m, flush=True))
+    out = _prepare_out(recipe, resume, overwrite)
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    torch.manual_seed(recipe.run.seed)
+    t_start = time.perf_counter()
+    teacher = _teacher(recipe, log)
+    train, val, test = _datasets(recipe, teacher)
+    task = train.task if train.task in ("segmentation", "classification") and recipe.data.task != "none" else None
+    log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
+        f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
+        f"({len(train)} train, task {task or 'none'})")
+
+    from mirage_edge.models.students import build_student
+
+    student = build_student(recipe.student.name, img_size=recipe.data.image_size)
+    layer_map = {int(k): int(v) for k, v in recipe.student.layer_map.items()}
+    missing = [t for t in layer_map if t not in teacher.layers]
+    if missing:
+        raise ConfigError(f"student.layer_map uses teacher blocks {missing} not listed in teacher.layers {teacher.layers}")
+    proj = ProjectedStudent(student, teacher.embed_dim, teacher.grid, teacher.num_global_tokens, layer_map)
+    report: dict[str, Any] = {"recipe": recipe.name, "teacher": teacher.describe(), "task": task,
+                              "student": recipe.student.name, "stages": {}}
+
+    # ---------------------------------------------------------------- stage 1
+    s1 = recipe.stage1
+    if s1.epochs > 0:
+        stats = attach_cache(train, teacher, recipe, False, log) if recipe.cache.enabled else None
+        fcfg = s1.loss
+
+        def loss1(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+            tgt = _online_targets(teacher, batch, False)
+            tokens, inter = _unwrap(model).forward_distill(batch["bscan"])
+            loss, parts = feature_loss(tokens, tgt["tokens"], fcfg)
+            for i, s_tok in inter.items():
+                li, _ = feature_loss(s_tok, tgt[f"l{i}"], fcfg)
+                loss = loss + s1.layer_weight * li
+                parts[f"l{i}"] = float(li.detach())
+            return loss, parts
+
+        def eval1(model: nn.Module) -> dict[str, float]:
+            return {"val_cos": ev.feature_cosine(val, _unwrap(model).forward_features, teacher,
+                                                 recipe.run.eval_batch_size)} if val is not None else {}
+
+        summary = _run_stage("stage1", proj, loss1, train, s1, recipe, out, resume, log, eval1)
+        train.cache = None
+        report["stages"]["stage1"] = {**summary, "cache": stats}
+
+    # ---------------------------------------------------------------- stage 2
+    final: nn.Module = proj
+    s2 = recipe.stage2
+    if teacher.task and task and s2.epochs > 0:
+        final = _task_student(teacher, proj, student, s2.mode, s2.freeze_head)
+        stats = attach_cache(train, teacher, recipe, True, log) if recipe.cache.enabled else None
+        tcfg = s2.loss
+        short = "seg" if task == "segmentation" else "cls"
+
+        def loss2(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+            tgt = _online_targets(teacher, batch, True)
+            m = _unwrap(model)
+            logits = m(batch["bscan"])
+            loss, parts = task_kd_loss(logits, tgt["logits"], batch.get("label"), short, tcfg)
+            if tcfg.feature and isinstance(m.encoder, ProjectedStudent):
+                fl, _ = feature_loss(m.encoder.forward_features(batch["bscan"]), tgt["tokens"], s1.loss)
+                loss = loss + tcfg.feature * fl
+                parts["feat"] = float(fl.detach())
+            return loss, parts
+
+        def eval2(model: nn.Module) -> dict[str, float]:
+            if val is None:
+                return {}
+            logits, labels = ev.collect(val, _unwrap(model), recipe.run.eval_batch_size)
+            return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val))[1]}
+
+        summary = _run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log, eval2,
+                             "val_metric" if val is not None else None)
+        train.cache = None
+        report["stages"]["stage2"] = {**summary, "cache": stats}
+    elif s2.epochs > 0 and task and not teacher.task:
+        log("stage 2 skipped: the teacher is an encoder without a fine-tuned head")
+
+    if recipe.student.reparameterize and student.cfg.timm_name.startswith(("mobileone", "repvit", "fastvit")):
+        student.reparameterize()  # deploy form for evaluation, QAT and export
+    final.eval()
+    meta = {"classes": train.index.classes, "preprocess": cfgmod.to_dict(train.spec), "teacher": teacher.describe(),
+            "recipe": recipe.to_dict()}
+    student_dir = save_student(final, out / "student", meta)
+    log(f"FP32 student saved to {student_dir}")
+
+    # ---------------------------------------------------------------- QAT
+    int8_dir = onnx_path = None
+    if recipe.qat.enabled:
+        from mirage_edge.distill.qat_stage import run_qat
+
+        int8_dir, onnx_path, qinfo = run_qat(final, train, task, recipe, out, resume, meta, log)
+        report["stages"]["qat"] = qinfo
+
+    # ---------------------------------------------------------------- test report
+    if test is not None:
+        report["test"] = test_report(teacher, final, onnx_path, test, task, recipe)
+    report["seconds"] = time.perf_counter() - t_start
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
+    log(f"report: {out / 'report.json'}")
+    return DistillResult(out, student_dir, int8_dir, onnx_path, report)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    return str(o)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from mirage_edge.train.checkpoint import unwrap
+
+    return unwrap(model)
+
+
+def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, mode: str,
+                  freeze_head: bool) -> nn.Module:
+    """Task model for stage 2: the teacher's head on the projected tokens, or a fresh head."""
+    from mirage_edge.models.task import TASK_CLASSES, classification_model, segmentation_model
+
+    tm = teacher.model
+    if mode == "drop_in":
+        head = copy.deepcopy(tm.head).requires_grad_(not freeze_head)
+        return TASK_CLASSES[tm.task](proj, head).train()
+    k = int(tm.num_classes)
+    if tm.task == "segmentation":
+        cfg = {k2: v for k2, v in tm.head.config.items() if k2 not in ("type", "in_dim", "num_classes")}
+        return segmentation_model(student, k, **cfg).train()
+    return classification_model(student, k, pool="global").train()
+
+
+def test_report(teacher: Teacher, fp32: nn.Module, onnx_path: Path | None, test: DistillSamples,
+                task: str | None, recipe: DistillRecipe) -> dict[str, Any]:
+    """Teacher / FP32 / INT8-ORT metrics on the test split, retention and agreement."""
+    bs = recipe.run.eval_batch_size
+    rep: dict[str, Any] = {"n": len(test)}
+    enc = getattr(fp32, "encoder", fp32)
+    if isinstance(enc, ProjectedStudent):
+        rep["feature_cosine"] = ev.feature_cosine(test, enc.forward_features, teacher, bs)
+    if onnx_path is not None and not (task and teacher.task and hasattr(fp32, "head")):
+        from mirage_edge.distill.qat import ort_predict, ort_session
+
+        sess = ort_session(onnx_path, recipe.run.threads)
+        rep["int8_feature_cosine"] = ev.feature_cosine(
+            test, lambda x: next(ort_predict(sess, [x])), teacher, bs)
+    if not (task and teacher.task and hasattr(fp32, "head")):
+        return rep
+    t_logits, labels = ev.collect(test, teacher.model, bs)
+    s_logits, _ = ev.collect(test, fp32, bs)
+    if labels is None:
+        raise DataError(f"test split of {recipe.data.path} has no labels")
+    mt, ms = ev.task_metrics(task, t_logits, labels, test), ev.task_metrics(task, s_logits, labels, test)
+    key, tv = ev.headline(task, mt)
+    sv = ms[key]
+    rep.update(metric=key, teacher=mt, student_fp32=ms, teacher_value=tv, student_value=sv,
+               retention=sv / tv if tv else float("nan"), agreement_fp32=ev.agreement(task, s_logits, t_logits))
+    if onnx_path is not None:
+        from mirage_edge.distill.qat import ort_predict, ort_session
+
+        sess = ort_session(onnx_path, recipe.run.threads)
+        q_logits, _ = ev.collect(test, lambda x: next(ort_predict(sess, [x])), bs)
+        mq = ev.task_metrics(task, q_logits, labels, test)
+        rep.update(student_int8_ort=mq, int8_value=mq[key], int8_minus_fp32_points=100.0 * (mq[key] - sv),
+                   agreement_int8=ev.agreement(task, q_logits, t_logits),
+                   int8_vs_fp32_agreement=ev.agreement(task, q_logits, s_logits))
+    return rep
+
+
+__all__ = ["distill", "DistillResult", "fill_cache", "attach_cache", "test_report", "cache_root"]

@@ -1,0 +1,105 @@
+"""Distillation losses: feature matching (stage 1), logit / pixel KD + task losses (stage 2).
+
+Shapes: tokens B x N x D; classification logits B x K; segmentation logits B x K x H x W,
+labels B x H x W (int64 class indices).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mirage_edge.distill.recipe import FeatureLossConfig, Norm, TaskLossConfig
+
+
+def normalize_tokens(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Per-token normalization over the last dim (B x N x D -> B x N x D), in float32."""
+    x = x.float()
+    if norm == "layernorm":
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    if norm == "l2":
+        return F.normalize(x, dim=-1, eps=1e-6)
+    return x
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: FeatureLossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted MSE / cosine / smooth-L1 between B x N x D token maps. Returns (loss, parts)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student tokens {tuple(student.shape)} != teacher tokens {tuple(teacher.shape)}")
+    s = normalize_tokens(student, cfg.norm)
+    t = normalize_tokens(teacher.detach(), cfg.norm)
+    total = student.new_zeros((), dtype=torch.float32)
+    parts: dict[str, float] = {}
+    if cfg.mse:
+        v = F.mse_loss(s, t)
+        total = total + cfg.mse * v
+        parts["mse"] = float(v.detach())
+    if cfg.cosine:
+        v = (1.0 - F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1, eps=1e-6)).mean()
+        total = total + cfg.cosine * v
+        parts["cos"] = float(v.detach())
+    if cfg.smooth_l1:
+        v = F.smooth_l1_loss(s, t, beta=cfg.smooth_l1_beta)
+        total = total + cfg.smooth_l1 * v
+        parts["sl1"] = float(v.detach())
+    return total, parts
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean per-token cosine similarity of two B x N x D maps (a scalar; agreement metric)."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-6).mean()
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+          dim: int = 1) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)) averaged over all non-class positions.
+
+    Works for B x K (classification) and B x K x H x W (per-pixel KD), class axis `dim`.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=dim)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=dim)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=dim)  # B (x H x W)
+    return kl.mean() * (t * t)
+
+
+def generalized_dice_loss(logits: torch.Tensor, labels: torch.Tensor, include_background: bool = True,
+                          eps: float = 1e-6) -> torch.Tensor:
+    """Generalized Dice loss (Sudre et al. 2017): class weights 1 / (sum of true pixels)^2.
+
+    logits B x K x H x W, labels B x H x W (int64). The official MIRAGE segmentation recipe
+    trains with CE + generalized Dice.
+    """
+    k = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(labels.long().clamp_min(0), k).permute(0, 3, 1, 2).float()
+    if not include_background:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
+    dims = (0, 2, 3)
+    w = 1.0 / (onehot.sum(dims) ** 2).clamp_min(1.0)
+    inter = (w * (probs * onehot).sum(dims)).sum()
+    union = (w * (probs + onehot).sum(dims)).sum()
+    return 1.0 - (2.0 * inter + eps) / (union + eps)
+
+
+def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                 task: str, cfg: TaskLossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-2 loss for `task` "cls" (B x K logits, labels B) or "seg" (B x K x H x W, labels B x H x W).
+
+    Without labels (unlabelled data) only the KD term is used.
+    """
+    kd = kd_kl(student_logits, teacher_logits, cfg.temperature, dim=1)
+    parts = {"kd": float(kd.detach())}
+    if labels is None:
+        return kd, parts
+    ce = F.cross_entropy(student_logits.float(), labels.long())
+    parts["ce"] = float(ce.detach())
+    total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce
+    if task == "seg" and cfg.dice:
+        gd = generalized_dice_loss(student_logits, labels)
+        parts["gdice"] = float(gd.detach())
+        total = total + cfg.dice * gd
+    return total, parts
+
+
+__all__ = ["FeatureLossConfig", "TaskLossConfig", "feature_loss", "normalize_tokens", "token_cosine", "kd_kl",
+           "generalized_dice_loss", "task_kd_loss"]

@@ -1,0 +1,226 @@
+"""Distillation recipes: dataclasses loaded strictly from `distill/recipes/*.toml` (torch-free).
+
+A recipe says which teacher (and what it sees), which student, which data, and the schedule of
+the three stages (1: task-agnostic feature KD, 2: task-aware KD, QAT). The CLI flags
+(`--teacher`, `--student`, `--data`, `--task`, `--qat`) and `key.sub=value` overrides are applied on
+top of the file; the resolved recipe is stored with every checkpoint and in `<out>/recipe.toml`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from mirage_edge import config as cfgmod
+from mirage_edge.errors import ConfigError
+
+Norm = Literal["layernorm", "l2", "none"]
+
+
+@dataclass
+class FeatureLossConfig:
+    """Mix of feature-matching terms on normalized tokens (weights may be 0).
+
+    norm: how both token sets are normalized per token before MSE / smooth-L1:
+          "layernorm" (zero mean, unit variance over D, no affine; the MAE/EdgeSAM-style target),
+          "l2" (unit length) or "none". Cosine is scale-free and ignores it.
+    """
+
+    mse: float = 1.0
+    cosine: float = 1.0
+    smooth_l1: float = 0.0
+    smooth_l1_beta: float = 1.0
+    norm: Norm = "layernorm"
+
+    def __post_init__(self) -> None:
+        if min(self.mse, self.cosine, self.smooth_l1) < 0 or self.mse + self.cosine + self.smooth_l1 <= 0:
+            raise ValueError(f"feature loss weights must be >= 0 and not all 0, got {self}")
+
+
+
+@dataclass
+class TaskLossConfig:
+    """Stage-2 (task-aware) loss: alpha * KD(T) + (1 - alpha) * CE [+ dice * GDice for seg]
+    [+ feature * feature-matching of the encoder tokens]."""
+
+    alpha: float = 0.7
+    temperature: float = 4.0
+    dice: float = 1.0
+    feature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+
+
+@dataclass
+class TeacherSpec:
+    """model: registered name, checkpoint path or hf:<dir>; config: JSON with the dimensions of an
+    official checkpoint of a size other than Base/Large (e.g. the tiny fixture's tiny_config.json).
+    modalities: teacher inputs, B-scan first (["bscan", "slo"] = cross-modal KD).
+    layers: encoder blocks matched as intermediate targets."""
+
+    model: str = "mirage-tiny"
+    config: str = ""
+    pretrained: bool = False
+    modalities: list[str] = field(default_factory=lambda: ["bscan"])
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StudentSpec:
+    """name: registered student. layer_map: teacher block -> student stage (keys are strings in TOML).
+    reparameterize: fuse MobileOne/RepViT branches before QAT and export."""
+
+    name: str = "student-tiny"
+    layer_map: dict[str, int] = field(default_factory=dict)
+    reparameterize: bool = True
+
+
+@dataclass
+class DataSpec:
+    """path: a RetinaBench folder (seg / cls / multimodal / any image folder for task "none").
+    image_size: model input (square); preprocessing is MIRAGE's (no mean/std)."""
+
+    path: str = ""
+    task: Literal["seg", "cls", "none", "auto"] = "auto"
+    image_size: int = 128
+    scaling: Literal["minmax", "divide"] = "minmax"
+    minmax_order: Literal["before_resize", "after_resize"] = "before_resize"
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    views: int = 1
+    augment: bool = False
+    aug_seed: int = 0
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"data.image_size must be a multiple of 32 (student stride), got {self.image_size}")
+        if self.views < 1:
+            raise ValueError(f"data.views must be >= 1, got {self.views}")
+
+
+@dataclass
+class Stage1Spec:
+    """Task-agnostic feature distillation (epochs = 0 skips it)."""
+
+    epochs: int = 5
+    max_steps: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    layer_weight: float = 1.0
+    loss: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+
+
+@dataclass
+class Stage2Spec:
+    """Task-aware distillation from a fine-tuned teacher (skipped for encoder-only teachers).
+
+    mode "drop_in": the teacher's fine-tuned head runs on the projected student tokens (copied,
+    trained on; `freeze_head` keeps it fixed). "new_head": a fresh head on the raw student features.
+    """
+
+    epochs: int = 5
+    max_steps: int = 0
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    mode: Literal["drop_in", "new_head"] = "drop_in"
+    freeze_head: bool = False
+    loss: TaskLossConfig = field(default_factory=TaskLossConfig)
+
+
+@dataclass
+class QATSpec:
+    """INT8 quantization-aware training with NNCF (see distill/README.md for why NNCF).
+
+    Weights per-channel symmetric, activations per-tensor (NNCF's "performance" preset). The FP32
+    student is the KD teacher. `ignored_types`: NNCF op types kept in float (e.g. layer_norm,
+    softmax for ViTs) - recorded in the checkpoint. model_type "transformer" adds NNCF's ViT rules.
+    """
+
+    enabled: bool = False
+    epochs: int = 2
+    max_steps: int = 0
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    subset_size: int = 64
+    model_type: Literal["default", "transformer"] = "default"
+    ignored_types: list[str] = field(default_factory=list)
+    ignored_names: list[str] = field(default_factory=list)
+    temperature: float = 2.0
+    alpha: float = 0.7
+    onnx_opset: int = 17
+
+
+@dataclass
+class CacheSpec:
+    """Teacher-output cache (fp16 memmap shards). dir "" = $MIRAGE_EDGE_HOME/cache/teacher."""
+
+    enabled: bool = True
+    dir: str = ""
+    shard_size: int = 256
+
+
+@dataclass
+class RunSpec:
+    device: str = "cpu"
+    threads: int = 0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    progress: bool = True
+    num_workers: int = 0
+    eval_batch_size: int = 16
+
+
+@dataclass
+class DistillRecipe:
+    name: str = "distill"
+    out: str = "runs/distill"
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    stage1: Stage1Spec = field(default_factory=Stage1Spec)
+    stage2: Stage2Spec = field(default_factory=Stage2Spec)
+    qat: QATSpec = field(default_factory=QATSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+
+    def to_dict(self) -> dict:
+        return cfgmod.to_dict(self)
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "distill" / "recipes"
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file path, or a bare name looked up in distill/recipes/ (NAME or NAME.toml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.toml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
+    raise ConfigError(f"recipe {str(name_or_path)!r} not found (curated recipes: {', '.join(known) or 'none'})")
+
+
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DistillRecipe:
+    """Recipe from a TOML file (or the defaults) plus `key.sub=value` overrides; strict."""
+    return cfgmod.load(DistillRecipe, resolve_recipe_path(path) if path is not None else None, overrides)
+
+
+__all__ = ["DistillRecipe", "TeacherSpec", "StudentSpec", "DataSpec", "Stage1Spec", "Stage2Spec", "QATSpec",
+           "CacheSpec", "RunSpec", "FeatureLossConfig", "TaskLossConfig", "load_recipe", "resolve_recipe_path", "RECIPES_DIR"]

@@ -1,0 +1,98 @@
+"""`mirage-edge export CHECKPOINT --target export/targets/NAME.toml` (or --format/--precision/--calib)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mirage_edge.errors import ConfigError
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def load_source_model(checkpoint: str):
+    """(model, SourceInfo, classes) from a checkpoint folder/file or a registered model name."""
+    from mirage_edge._io import sha256_file
+    from mirage_edge.artifact import SourceInfo
+    from mirage_edge.models import is_model
+
+    p = Path(checkpoint)
+    if not p.exists():
+        if is_model(checkpoint):
+            from mirage_edge.models import create_model
+
+            return create_model(checkpoint), SourceInfo(model_name=checkpoint), None
+        raise ConfigError(f"checkpoint not found: {checkpoint} (and it is not a registered model name)")
+    from mirage_edge.models import load_model
+
+    model = load_model(p)
+    weights = p / "model.safetensors" if p.is_dir() else p
+    meta: dict = {}
+    cfg_path = p / "config.json" if p.is_dir() else None
+    if cfg_path is not None and cfg_path.is_file():
+        import json
+
+        meta = json.loads(cfg_path.read_text(encoding="utf-8")).get("meta", {}) or {}
+    teacher = meta.get("teacher", "")
+    src = SourceInfo(
+        model_name=str(meta.get("model_name", type(model).__name__)), checkpoint=str(p),
+        checkpoint_sha256=sha256_file(weights) if weights.is_file() else "",
+        teacher=str(teacher.get("name", "") if isinstance(teacher, dict) else teacher),
+        teacher_sha256=str(meta.get("teacher_sha256", teacher.get("sha256", "") if isinstance(teacher, dict) else "")),
+    )
+    classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
+    return model, src, classes
+
+
+@click.command("export")
+@click.argument("checkpoint")
+@click.option("--target", "target", default=None,
+              help="Export target TOML (export/targets/NAME.toml) or a curated target name.")
+@click.option("--format", "formats", default=None, help="Comma list: onnx,openvino,tensorrt (overrides target).")
+@click.option("--precision", "precisions", default=None, help="Comma list: fp32,fp16,int8 (overrides target).")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Image folder for INT8 calibration + validation (default: generated images).")
+@click.option("--calib-images", type=int, default=None, help="Number of calibration images.")
+@click.option("--task", type=click.Choice(["auto", "encoder", "classification", "segmentation"]), default=None)
+@click.option("--input-size", type=int, nargs=2, default=None, metavar="H W")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any target key, e.g. --set validation.n_inputs=16 --set batch.max=4.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
+@click.option("--name", default="", help="Artifact name stored in metadata (default: the target name).")
+def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisions: str | None,
+               calib: Path | None, calib_images: int | None, task: str | None, input_size: tuple[int, int] | None,
+               overrides: tuple[str, ...], out: Path, name: str) -> None:
+    """Export CHECKPOINT (our checkpoint folder, an official MIRAGE file, or a registered model name)
+    to validated artifacts: OUT/<format>-<precision>/ with model file(s), metadata.json, SHA256SUMS.
+    """
+    from mirage_edge.export.target import load_target
+
+    sets = list(overrides)
+    if formats:
+        sets.append(f"formats={_split(formats)!r}".replace("'", '"'))
+    if precisions:
+        sets.append(f"precisions={_split(precisions)!r}".replace("'", '"'))
+    if calib_images:
+        sets.append(f"quantization.calib_images={int(calib_images)}")
+    if task:
+        sets.append(f'task="{task}"')
+    if input_size:
+        sets.append(f"input_size=[{int(input_size[0])}, {int(input_size[1])}]")
+    tgt = load_target(target, sets)
+
+    from rich.console import Console
+
+    from mirage_edge.export.api import export_model
+
+    console = Console(stderr=True)
+    model, source, classes = load_source_model(checkpoint)
+    with console.status("exporting...") as status:
+        def log(msg: str) -> None:
+            status.update(msg)
+            console.log(msg)
+
+        dirs = export_model(model, out, tgt, calib=calib, classes=classes, source=source, name=name, log=log)
+    for d in dirs:
+        click.echo(str(d))

@@ -1,0 +1,168 @@
+"""Export settings as data: `ExportTarget` (loaded strictly from export/targets/*.toml), torch-free.
+
+A target names the backend(s) and precision(s), the input shape policy, the quantization recipe and
+the validation thresholds. The resolved target is stored in every artifact's metadata, so an
+artifact says exactly how it was made (DESIGN §4.6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from mirage_edge import config as _config
+from mirage_edge.errors import ConfigError
+
+FORMATS = ("onnx", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class BatchConfig:
+    """Batch axis policy. `dynamic` exports a symbolic batch axis; min/opt/max feed TensorRT profiles."""
+
+    dynamic: bool = True
+    min: int = 1
+    opt: int = 1
+    max: int = 8
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"batch must satisfy 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+@dataclass
+class QuantConfig:
+    """INT8 recipe.
+
+    method: "auto" (QAT graph if the model is fake-quantized, else the backend's PTQ), "ort"
+    (ONNX Runtime static QDQ), "nncf" (NNCF PTQ), "qat" (require a fake-quantized model).
+    Defaults follow DESIGN §6: only MatMul/Gemm/Conv quantized, U8S8, per-channel weights.
+    """
+
+    method: Literal["auto", "ort", "nncf", "qat"] = "auto"
+    calib_images: int = 32
+    op_types: list[str] = field(default_factory=lambda: ["MatMul", "Gemm", "Conv"])
+    activation_type: Literal["QUInt8", "QInt8"] = "QUInt8"
+    weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
+    per_channel: bool = True
+    # TensorRT needs symmetric signed activations (zero point 0); the TRT targets set this.
+    symmetric_activations: bool = False
+    calibration_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
+    # NNCF: "auto" picks TRANSFORMER when the model has attention; ignored_scope = node-name regexes
+    model_type: Literal["auto", "transformer", "default"] = "auto"
+    ignored_patterns: list[str] = field(default_factory=list)
+    fast_bias_correction: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calib_images < 1:
+            raise ValueError(f"quantization.calib_images must be >= 1, got {self.calib_images}")
+
+
+@dataclass
+class OpenVinoConfig:
+    device: str = "CPU"
+    # Precision the CPU plugin computes non-quantized ops in. "f32" keeps parity with torch; the
+    # plugin default on avx512_bf16 CPUs is bf16 (faster, cos >= 0.9999 in our baseline).
+    inference_precision: Literal["f32", "bf16", "f16", "default"] = "f32"
+
+
+@dataclass
+class TensorRTConfig:
+    device: int = 0
+    workspace_mb: int = 2048
+    builder_optimization_level: int = 3
+    timing_cache: str = ""
+
+
+@dataclass
+class ValidationConfig:
+    """Parity thresholds checked before an artifact is written (failure -> ValidationError)."""
+
+    n_inputs: int = 8
+    fp32_max_abs: float = 1e-3
+    fp32_min_cosine: float = 0.9999
+    fp16_max_abs: float = 5e-2
+    fp16_min_cosine: float = 0.999
+    int8_min_top1_agreement: float = 0.9  # classification
+    int8_min_dice: float = 0.9  # segmentation, prediction Dice vs torch fp32
+    int8_min_cosine: float = 0.98  # encoders (features); also reported for the other tasks
+    max_metric_drop: float = 0.05  # when labels exist: torch metric - artifact metric
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_inputs < 1:
+            raise ValueError(f"validation.n_inputs must be >= 1, got {self.n_inputs}")
+
+
+@dataclass
+class ExportTarget:
+    """One deployment target: which artifacts to build from a model and how to check them."""
+
+    name: str = "custom"
+    description: str = ""
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    task: Literal["auto", "encoder", "classification", "segmentation"] = "auto"
+    # [H, W] of the exported input; empty = the model's own input size
+    input_size: list[int] = field(default_factory=list)
+    dynamic_hw: bool = False
+    # segmentation: put argmax in the graph (output "mask", B x H x W int64) instead of logits
+    seg_argmax: bool = False
+    opset: int = 18
+    simplify: bool = True
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    modalities: list[str] = field(default_factory=list)  # empty = from the model (default ["bscan"])
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    openvino: OpenVinoConfig = field(default_factory=OpenVinoConfig)
+    tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # overrides for mirage_edge.data.preprocess.PreprocessSpec (size is set from input_size)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in self.formats:
+            if f not in FORMATS:
+                raise ValueError(f"unknown format {f!r} in formats (allowed: {', '.join(FORMATS)})")
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise ValueError(f"unknown precision {p!r} in precisions (allowed: {', '.join(PRECISIONS)})")
+        if not self.formats or not self.precisions:
+            raise ValueError("formats and precisions must not be empty")
+        if self.input_size and (len(self.input_size) != 2 or min(self.input_size) < 1):
+            raise ValueError(f"input_size must be [H, W], got {self.input_size}")
+        if self.opset < 17:
+            raise ValueError(f"opset must be >= 17, got {self.opset}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _config.to_dict(self)
+
+    def combos(self) -> list[tuple[str, str]]:
+        """(format, precision) pairs this target builds, in file order."""
+        return [(f, p) for f in self.formats for p in self.precisions]
+
+
+def load_target(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: dict[str, Any] | None = None) -> ExportTarget:
+    """Load an `ExportTarget` from TOML/JSON (strict), with `key=value` overrides on top.
+
+    A bare name ("cpu-openvino-int8") is looked up in the repository's export/targets/.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and p.suffix == "" and (TARGETS_DIR / f"{p.name}.toml").is_file():
+            p = TARGETS_DIR / f"{p.name}.toml"
+        if not p.is_file():
+            known = ", ".join(sorted(x.stem for x in TARGETS_DIR.glob("*.toml"))) if TARGETS_DIR.is_dir() else ""
+            raise ConfigError(f"export target not found: {path}" + (f" (curated targets: {known})" if known else ""))
+        path = p
+    return _config.load(ExportTarget, path, overrides, base=base)
+
+
+# export/targets/ next to the package in a source checkout
+TARGETS_DIR = Path(__file__).resolve().parents[2] / "export" / "targets"
+
+__all__ = ["ExportTarget", "BatchConfig", "QuantConfig", "OpenVinoConfig", "TensorRTConfig",
+           "ValidationConfig", "load_target", "FORMATS", "PRECISIONS", "TARGETS_DIR"]

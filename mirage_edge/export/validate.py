@@ -1,0 +1,126 @@
+"""Artifact-vs-PyTorch parity (torch-free numbers): thresholds from the target's [validation] table.
+
+fp32 / fp16: max-abs difference and cosine of the raw outputs. INT8: agreement on the task's
+decision - top-1 agreement (classification), prediction Dice vs torch fp32 (segmentation),
+feature cosine (encoders) - plus the task metric for torch and artifact when labels exist.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mirage_edge.errors import ValidationError
+from mirage_edge.export.target import ValidationConfig
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    den = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
+
+
+def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Worst per-token (B x N x D) or per-position (B x C x H x W) cosine."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.ndim == 4:
+        a = a.transpose(0, 2, 3, 1)
+        b = b.transpose(0, 2, 3, 1)
+    a = a.reshape(-1, a.shape[-1])
+    b = b.reshape(-1, b.shape[-1])
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    num = (a * b).sum(1)
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+    return float(cos.min())
+
+
+def mask_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int | None = None, background: int = 0) -> float:
+    """Mean Dice over foreground classes present in either mask (1.0 if none present)."""
+    pred = np.asarray(pred).astype(np.int64)
+    ref = np.asarray(ref).astype(np.int64)
+    n = int(n_classes or max(int(pred.max(initial=0)), int(ref.max(initial=0))) + 1)
+    scores = []
+    for c in range(n):
+        if c == background:
+            continue
+        p, r = pred == c, ref == c
+        denom = int(p.sum() + r.sum())
+        if denom == 0:
+            continue
+        scores.append(2.0 * float(np.logical_and(p, r).sum()) / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def parity_numbers(task: str, output_kind: str, ref: np.ndarray, got: np.ndarray,
+                   n_classes: int = 0) -> dict[str, float]:
+    """Agreement numbers between torch outputs `ref` and artifact outputs `got` (same shapes)."""
+    if ref.shape != got.shape:
+        raise ValidationError(f"artifact output shape {list(got.shape)} differs from torch {list(ref.shape)}",
+                              {"torch_shape": list(ref.shape), "artifact_shape": list(got.shape)})
+    out: dict[str, float] = {}
+    if output_kind == "mask":
+        out["pixel_agreement"] = float((ref == got).mean())
+        out["dice_vs_torch"] = mask_dice(got, ref, n_classes)
+        return out
+    if not np.isfinite(got).all():
+        out["non_finite"] = float((~np.isfinite(got)).sum())
+        got = np.nan_to_num(got, nan=0.0, posinf=0.0, neginf=0.0)
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    out["max_abs"] = float(diff.max())
+    out["mean_abs"] = float(diff.mean())
+    out["cosine"] = cosine(ref, got)
+    if task == "classification":
+        out["top1_agreement"] = float((ref.argmax(1) == got.argmax(1)).mean())
+    elif task == "segmentation":
+        rm, gm = ref.argmax(1), got.argmax(1)
+        out["pixel_agreement"] = float((rm == gm).mean())
+        out["dice_vs_torch"] = mask_dice(gm, rm, n_classes)
+    else:
+        out["min_token_cosine"] = min_row_cosine(ref, got) if ref.ndim >= 3 else out["cosine"]
+    return out
+
+
+def task_metric(task: str, output_kind: str, outputs: np.ndarray, labels: np.ndarray,
+                n_classes: int = 0) -> dict[str, float]:
+    """Accuracy (classification) or mean foreground Dice (segmentation) against labels."""
+    if task == "classification":
+        return {"accuracy": float((outputs.argmax(1) == labels).mean())}
+    masks = outputs if output_kind == "mask" else outputs.argmax(1)
+    return {"dice": float(np.mean([mask_dice(m, t, n_classes) for m, t in zip(masks, labels)]))}
+
+
+def check(numbers: dict[str, Any], task: str, output_kind: str, precision: str, cfg: ValidationConfig,
+          what: str) -> None:
+    """Raise ValidationError listing every failed threshold (and all the numbers)."""
+    fails: list[str] = []
+
+    def need(key: str, op: str, limit: float) -> None:
+        if key not in numbers:
+            return
+        v = float(numbers[key])
+        ok = v <= limit if op == "<=" else v >= limit
+        if not ok or not np.isfinite(v):
+            fails.append(f"{key} = {v:.6g} (needs {op} {limit:g})")
+
+    if "non_finite" in numbers:
+        fails.append(f"{int(numbers['non_finite'])} non-finite output values")
+    if output_kind == "mask":
+        if precision == "int8":
+            need("dice_vs_torch", ">=", cfg.int8_min_dice)
+        else:
+            need("pixel_agreement", ">=", 0.999)
+    elif precision in ("fp32", "fp16"):
+        need("max_abs", "<=", cfg.fp32_max_abs if precision == "fp32" else cfg.fp16_max_abs)
+        need("cosine", ">=", cfg.fp32_min_cosine if precision == "fp32" else cfg.fp16_min_cosine)
+    elif task == "classification":
+        need("top1_agreement", ">=", cfg.int8_min_top1_agreement)
+    elif task == "segmentation":
+        need("dice_vs_torch", ">=", cfg.int8_min_dice)
+    else:
+        need("cosine", ">=", cfg.int8_min_cosine)
+    if "metric_drop" in numbers:
+        need("metric_drop", "<=", cfg.max_metric_drop)
+    if fails:
+        raise ValidationError(f"{what} failed validation against PyTorch: " + "; ".join(fails), numbers)

@@ -1,0 +1,116 @@
+"""Task heads on encoder tokens: ConvNeXt segmentation decoder (§11) and classification head (§12).
+
+Heads take the *patch* tokens (global tokens removed) and, for classification, the global tokens
+separately; `mirage_edge.models.task` does the split. `head.config` holds the constructor kwargs
+(saved in our checkpoints' config.json).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mirage_edge.errors import ConfigError
+
+
+class ConvNeXtBlock(nn.Module):
+    """dwconv 7x7 -> LN over channels -> Linear(C, 4C) -> GELU -> Linear(4C, C) -> + input."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # B x H x W x C
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtSegHead(nn.Module):
+    """The official `ConvNeXtAdapter` segmentation head.
+
+    forward(patch_tokens B x (gh*gw) x D, grid (gh, gw), image_size (H, W)) -> B x K x H x W logits.
+    proj_dec maps each token to `preds_per_patch` sub-pixel vectors of `class_dim` channels
+    (chunk p = s*ph + pw -> sub-pixel (ph, pw), s = sqrt(preds_per_patch)); `depth` ConvNeXt
+    blocks; 1x1 conv to the classes; bilinear (align_corners=False) upsampling to the image size.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, preds_per_patch: int = 16, class_dim: int = 384,
+                 depth: int = 4, interpolate_mode: str = "bilinear") -> None:
+        super().__init__()
+        side = math.isqrt(preds_per_patch)
+        if side * side != preds_per_patch:
+            raise ConfigError(f"preds_per_patch must be a square number, got {preds_per_patch}")
+        self.config = dict(type="convnext", in_dim=in_dim, num_classes=num_classes,
+                           preds_per_patch=preds_per_patch, class_dim=class_dim, depth=depth,
+                           interpolate_mode=interpolate_mode)
+        self.num_classes, self.side, self.class_dim = num_classes, side, class_dim
+        self.interpolate_mode = interpolate_mode
+        self.proj_dec = nn.Linear(in_dim, preds_per_patch * class_dim)
+        self.blocks = nn.ModuleList([ConvNeXtBlock(class_dim) for _ in range(depth)])
+        self.final_layer = nn.Conv2d(class_dim, num_classes, kernel_size=1)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+        b = tokens.shape[0]
+        gh, gw = grid
+        s, c = self.side, self.class_dim
+        x = self.proj_dec(tokens).reshape(b, gh, gw, s, s, c)
+        x = x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * s, gw * s)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.final_layer(x)
+        align = False if self.interpolate_mode in ("bilinear", "bicubic") else None
+        return F.interpolate(x, size=tuple(image_size), mode=self.interpolate_mode, align_corners=align)
+
+
+class ClsHead(nn.Module):
+    """LayerNorm(D, eps 1e-6) on all tokens -> pooling -> Linear (the official MIRAGECls* heads).
+
+    pool: "global" (mean of patch tokens), "cls" (mean of the global tokens; there is one in
+    MIRAGE), "token_mix" (concatenation [patch mean, global], head input 2D).
+    forward(patch_tokens B x N x D, global_tokens B x G x D) -> B x K logits.
+    """
+
+    POOLS = ("global", "cls", "token_mix")
+
+    def __init__(self, in_dim: int, num_classes: int, pool: str = "global") -> None:
+        super().__init__()
+        if pool not in self.POOLS:
+            raise ConfigError(f"unknown pooling {pool!r}; choose one of {list(self.POOLS)}")
+        self.config = dict(type="cls", in_dim=in_dim, num_classes=num_classes, pool=pool)
+        self.pool, self.num_classes = pool, num_classes
+        self.norm = nn.LayerNorm(in_dim, eps=1e-6)
+        self.fc = nn.Linear(in_dim * (2 if pool == "token_mix" else 1), num_classes)
+
+    def forward(self, patch_tokens: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool == "global":
+            feat = self.norm(patch_tokens).mean(dim=1)
+        elif self.pool == "cls":
+            feat = self.norm(global_tokens).mean(dim=1)
+        else:
+            feat = torch.cat([self.norm(patch_tokens).mean(dim=1), self.norm(global_tokens).mean(dim=1)], dim=-1)
+        return self.fc(feat)
+
+
+def build_head(config: dict) -> nn.Module:
+    """Head from its saved `config` dict (``type`` = convnext | cls)."""
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    try:
+        if kind == "convnext":
+            return ConvNeXtSegHead(**cfg)
+        if kind == "cls":
+            return ClsHead(**cfg)
+    except TypeError as exc:
+        raise ConfigError(f"bad head config {config}: {exc}") from None
+    raise ConfigError(f"unknown head type {kind!r} (expected 'convnext' or 'cls')")

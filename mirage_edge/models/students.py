@@ -1,0 +1,239 @@
+"""Edge students: timm backbones behind the same features API as the MIRAGE teacher.
+
+A student is a :class:`StudentEncoder`: a timm model built with ``pretrained=False`` (never a
+download), ``in_chans=1`` and no classifier, whose last feature map has stride 32 so that at the
+teacher's 512 x 512 input its 16 x 16 grid lines up with the teacher's 16 x 16 B-scan tokens (patch
+32). At other resolutions (e.g. the tiny teacher's patch 8) the distillation projector resamples the
+student grid to the teacher grid (see `mirage_edge.distill.projector`).
+
+Features API (shared with the teacher, so task heads, export and bench treat both alike):
+
+* ``forward_features(x) -> B x N x C`` tokens of the stride-32 grid, row-major, no global token
+  (``num_global_tokens == 0``); ``x`` is ``B x 1 x H x W`` in [0, 1] or a dict ``{"bscan": x}``.
+* ``forward_feature_map(x) -> B x C x H/32 x W/32`` (the same features as an image).
+* ``forward_intermediates(x, indices) -> list of B x C_i x h_i x w_i`` stage outputs (timm's
+  ``forward_intermediates``; strides differ per stage, see ``feature_info``).
+* ``token_grid(H, W) -> (H // 32, W // 32)``, ``embed_dim``, ``num_global_tokens`` (0), ``input_size``,
+  ``patch_size`` — the encoder protocol of `mirage_edge.models.task`.
+
+Registered names (timm names, plus short aliases): ``mobilenetv4_conv_small`` (``mnv4-small``),
+``vit_tiny_patch32`` (``vit-tiny-32``; timm ``vit_tiny_patch16_224`` with ``patch_size=32``, no
+class token, built for ``img_size``), ``repvit_m0_9`` (``repvit-m0.9``), ``mobileone_s0``
+(``mobileone-s0``) and ``student-tiny`` (timm ``test_efficientnet``, ~0.1 M params, for tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mirage_edge.errors import ConfigError, InputError
+from mirage_edge.models.registry import register_model
+
+STRIDE = 32
+
+
+@dataclass
+class StudentConfig:
+    """Architecture of a student (everything needed to rebuild it; saved into checkpoints).
+
+    name:        registered student name (e.g. "mobilenetv4_conv_small").
+    timm_name:   timm architecture actually built.
+    img_size:    square input size the student is built for (matters for ViTs only).
+    timm_kwargs: extra keyword arguments for `timm.create_model` (e.g. patch_size=32).
+    reparameterized: True once re-parameterisable blocks (MobileOne, RepViT) were fused for deploy.
+    """
+
+    name: str
+    timm_name: str
+    img_size: int = 512
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    reparameterized: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# name -> (timm name, timm kwargs, one-line description with the CPU evidence behind the choice)
+STUDENTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "mobilenetv4_conv_small": (
+        "mobilenetv4_conv_small", {},
+        "MobileNetV4-conv-small, 2.5 M params; fastest at cos>=0.99 (OV INT8 1.8-2.1 ms @512, 2 cores)"),
+    "vit_tiny_patch32": (
+        "vit_tiny_patch16_224", {"patch_size": 32, "class_token": False, "global_pool": "avg"},
+        "ViT-Ti/32, 5.6 M params; teacher's exact token grid (OV INT8 4.9-5.2 ms @512)"),
+    "repvit_m0_9": (
+        "repvit_m0_9", {},
+        "RepViT-M0.9, 4.7 M params; best hybrid fp32 efficiency (OV bf16 12.7 ms @512)"),
+    "mobileone_s0": (
+        "mobileone_s0", {},
+        "MobileOne-S0, 1.0 M params deployed; INT8-friendly (OV INT8 2.9-3.7 ms @512, cos 0.999)"),
+    "student-tiny": (
+        "test_efficientnet", {},
+        "timm test_efficientnet (MobileNet-like, ~0.1 M params): tests and demos only"),
+}
+ALIASES = {
+    "mnv4-small": "mobilenetv4_conv_small",
+    "vit-tiny-32": "vit_tiny_patch32",
+    "repvit-m0.9": "repvit_m0_9",
+    "mobileone-s0": "mobileone_s0",
+}
+_VIT_FAMILIES = ("vit_", "deit_")
+
+
+def _is_vit(timm_name: str) -> bool:
+    return timm_name.startswith(_VIT_FAMILIES)
+
+
+class StudentEncoder(nn.Module):
+    """A timm backbone with the teacher's features API (see module docstring). Input B x 1 x H x W."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        import timm
+
+        self.cfg = cfg
+        kwargs = dict(cfg.timm_kwargs)
+        if _is_vit(cfg.timm_name):
+            # fixed-size positional table for the deployment resolution (no resize in forward)
+            kwargs.setdefault("img_size", cfg.img_size)
+        try:
+            self.body = timm.create_model(cfg.timm_name, pretrained=False, in_chans=1, num_classes=0, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot build student {cfg.name!r} (timm {cfg.timm_name!r}, {kwargs}): {exc}") from exc
+        self._vit = _is_vit(cfg.timm_name)
+        self.embed_dim = int(self.body.num_features)
+        self.num_global_tokens = 0
+        self.patch_size = (STRIDE, STRIDE)
+        self.input_size = (cfg.img_size, cfg.img_size)
+        info = getattr(self.body, "feature_info", None) or []
+        # (channels, stride) of every stage forward_intermediates can return
+        self.stage_info: list[tuple[int, int]] = [(int(d["num_chs"]), int(d["reduction"])) for d in info]
+        if self.stage_info and self.stage_info[-1][1] != STRIDE:
+            raise ConfigError(f"student {cfg.name!r}: last stage has stride {self.stage_info[-1][1]}, need {STRIDE}")
+        if cfg.reparameterized:
+            self.reparameterize()
+
+    # -- features API ------------------------------------------------------------------------
+    @staticmethod
+    def _image(x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, Mapping):
+            if "bscan" not in x:
+                raise InputError(f"students take a B-scan only; got modalities {sorted(x)}")
+            x = x["bscan"]
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise InputError(f"student input must be B x 1 x H x W, got {tuple(x.shape)}")
+        return x
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """Stride-32 token grid (rows, cols) for an H x W input (encoder protocol, models/task.py)."""
+        return int(h) // STRIDE, int(w) // STRIDE
+
+    def grid_size(self, hw: Sequence[int] | None = None) -> tuple[int, int]:
+        h, w = hw if hw is not None else self.input_size
+        return self.token_grid(h, w)
+
+    def forward_feature_map(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """B x 1 x H x W -> B x C x H/32 x W/32."""
+        x = self._image(x)
+        if self._vit:
+            tokens = self.body.forward_features(x)  # B x (prefix + N) x C
+            tokens = tokens[:, getattr(self.body, "num_prefix_tokens", 0):]
+            gh, gw = self.grid_size(x.shape[-2:])
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
+        return self.body.forward_features(x)
+
+    def forward_features(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """B x 1 x H x W -> B x N x C tokens (row-major stride-32 grid, no global token)."""
+        fmap = self.forward_feature_map(x)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def forward_intermediates(self, x: torch.Tensor | Mapping[str, torch.Tensor],
+                              indices: Sequence[int]) -> list[torch.Tensor]:
+        """Stage outputs B x C_i x h_i x w_i for stage `indices` (negative counts from the end)."""
+        x = self._image(x)
+        n = len(self.stage_info)
+        idx = [i % n for i in indices]
+        # timm: an int means "the last n"; a list selects stages by index
+        return list(self.body.forward_intermediates(x, indices=idx, intermediates_only=True))
+
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward_features(x)
+
+    @property
+    def mirage_edge_spec(self) -> dict[str, Any]:
+        """Registry name + kwargs that rebuild this encoder (used by mirage_edge.models.save_model)."""
+        return {"name": self.cfg.name, "kwargs": {"img_size": self.cfg.img_size,
+                                                  "reparameterized": self.cfg.reparameterized,
+                                                  **{k: v for k, v in self.cfg.timm_kwargs.items()
+                                                     if k not in STUDENTS[self.cfg.name][1]}}}
+
+    # -- deployment ---------------------------------------------------------------------------
+    def reparameterize(self) -> "StudentEncoder":
+        """Fuse re-parameterisable branches (MobileOne, RepViT) into single convs, in place."""
+        from timm.utils.model import reparameterize_model
+
+        self.body = reparameterize_model(self.body, inplace=True)
+        self.cfg.reparameterized = True
+        return self
+
+
+def build_student(name: str, img_size: int = 512, **timm_kwargs: Any) -> StudentEncoder:
+    """Student `name` (registered name or alias) built for `img_size` x `img_size` inputs."""
+    key = ALIASES.get(name, name)
+    if key not in STUDENTS:
+        raise ConfigError(f"unknown student {name!r}; known: {', '.join(sorted([*STUDENTS, *ALIASES]))}")
+    timm_name, base_kwargs, _ = STUDENTS[key]
+    reparam = bool(timm_kwargs.pop("reparameterized", False))
+    cfg = StudentConfig(name=key, timm_name=timm_name, img_size=int(img_size),
+                        timm_kwargs={**base_kwargs, **timm_kwargs}, reparameterized=reparam)
+    return StudentEncoder(cfg)
+
+
+def student_from_config(cfg: Mapping[str, Any]) -> StudentEncoder:
+    """Rebuild a student from ``StudentConfig.to_dict()`` output (e.g. a checkpoint's config.json)."""
+    from mirage_edge.config import from_dict
+
+    return StudentEncoder(from_dict(StudentConfig, dict(cfg), source="student config"))
+
+
+def is_student(name: str) -> bool:
+    return ALIASES.get(name, name) in STUDENTS
+
+
+def _register(name: str, alias: str | None = None) -> None:
+    def builder(pretrained: bool = False, img_size: int = 512, **kwargs: Any) -> StudentEncoder:
+        if pretrained:
+            # students start from random weights: no download ever (offline, licence-clean)
+            raise ConfigError(f"student {name!r} has no pretrained weights; distill it from a teacher")
+        return build_student(name, img_size=img_size, **kwargs)
+
+    builder.__doc__ = STUDENTS[name][2]
+    register_model(builder, name=name)
+    if alias:
+        register_model(builder, name=alias)
+
+
+for _name in STUDENTS:
+    _register(_name, next((a for a, n in ALIASES.items() if n == _name), None))
+
+
+@register_model(name="projected-student")
+def projected_student(pretrained: bool = False, student: str = "student-tiny", img_size: int = 512,
+                      reparameterized: bool = False, teacher_dim: int = 192, teacher_grid: Sequence[int] = (16, 16),
+                      num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None) -> nn.Module:
+    """A student + its learned projector into a teacher's token space (`mirage_edge.distill.projector`):
+    the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry."""
+    from mirage_edge.distill.projector import ProjectedStudent
+
+    if pretrained:
+        raise ConfigError("projected-student has no pretrained weights; load a distilled checkpoint instead")
+    enc = build_student(student, img_size=img_size, reparameterized=reparameterized)
+    return ProjectedStudent(enc, teacher_dim, teacher_grid, num_global_tokens,
+                            {int(k): int(v) for k, v in (layer_map or {}).items()})
+
+__all__ = ["StudentConfig", "StudentEncoder", "STUDENTS", "ALIASES", "build_student", "student_from_config",
+           "is_student", "STRIDE"]

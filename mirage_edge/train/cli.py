@@ -1,0 +1,120 @@
+"""`mirage-edge train pretrain|finetune`: parse into the train config dataclasses, call one function.
+
+Torch is imported inside the command bodies only (so `--help` stays torch-free). Under torchrun
+(`torchrun --nproc-per-node N -m mirage_edge.cli train ...`) the same commands run DDP.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from mirage_edge import config as C
+from mirage_edge.errors import ConfigError
+
+_OVERRIDES_HELP = "Extra settings as key=value (e.g. loop.epochs=5 optim.lr=3e-4), applied last."
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{k}' is not a table")
+    node[keys[-1]] = value
+
+
+def build_config(cls: type, config_file: str | None, flags: dict[str, Any], overrides: tuple[str, ...],
+                 base: dict[str, Any] | None = None) -> Any:
+    """base < config file < command-line flags < key=value overrides; strict (errors name the key)."""
+    data: dict[str, Any] = dict(base or {})
+    source = None
+    if config_file:
+        data = C._deep_merge(data, C.read_file(config_file))
+        source = str(config_file)
+    for key, value in flags.items():
+        if value is not None:
+            _set(data, key, value)
+    data = C.apply_overrides(data, overrides)
+    where = source or "command line"
+    if overrides and source:
+        where = f"{source} + command-line overrides"
+    return C.from_dict(cls, data, source=where)
+
+
+def _common(f):
+    f = click.option("--resume", default=None, metavar="CKPT|auto",
+                     help="Resume from a checkpoint folder, or 'auto' = latest under OUT/checkpoints.")(f)
+    f = click.option("--out", "out_dir", default=None, help="Run folder (metrics.jsonl, checkpoints/, best/).")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="Autocast precision (default from config: fp32). bf16 needs a bf16-capable device.")(f)
+    f = click.option("--device", default=None, metavar="DEV",
+                     help="cpu | cuda | cuda:N | mps | auto (default from config: cpu; auto = CUDA only if present).")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="TOML config (see train/configs/).")(f)
+    return f
+
+
+@click.group("train")
+def train() -> None:
+    """Pretrain MIRAGE (masked multimodal autoencoding) or fine-tune it for classification/segmentation.
+
+    \b
+    Examples:
+      mirage-edge train pretrain --config train/configs/pretrain_tiny_cpu.toml
+      mirage-edge train finetune --task seg --data data/layers --config train/configs/finetune_seg_tiny_cpu.toml
+      torchrun --nproc-per-node 8 -m mirage_edge.cli train pretrain --config train/configs/pretrain_base_512.toml --device cuda --precision bf16
+    """
+
+
+@train.command("pretrain")
+@_common
+@click.option("--data", "data_dir", default=None, help="Multimodal folder (overrides data.dir).")
+@click.option("--model", "model_name", default=None, help="Registry name, or 'mirage' with --checkpoint.")
+@click.option("--checkpoint", default=None, help="Initialise from weights (official .pth, HF snapshot, our folder).")
+@click.argument("overrides", nargs=-1)
+def pretrain_cmd(config_file, device, precision, out_dir, resume, data_dir, model_name, checkpoint, overrides):
+    """Masked multimodal autoencoding over any subset of bscan / slo / bscanlayermap."""
+    from mirage_edge.train.config import PretrainConfig
+
+    cfg = build_config(PretrainConfig, config_file, {
+        "loop.device": device, "loop.precision": precision, "out_dir": out_dir, "data.dir": data_dir,
+        "model.name": model_name, "model.checkpoint": checkpoint}, overrides)
+    from mirage_edge.train.pretrain import run_pretrain
+
+    run_pretrain(cfg, resume=resume)
+
+
+@train.command("finetune")
+@_common
+@click.option("--task", type=click.Choice(["cls", "seg"]), default=None, help="Classification or segmentation.")
+@click.option("--data", "data_dir", default=None, help="RetinaBench-style dataset folder.")
+@click.option("--model", "model_name", default=None, help="Registry name, or 'mirage' with --checkpoint.")
+@click.option("--checkpoint", default=None, help="Start from weights: our run folder/best, official .pth, HF snapshot.")
+@click.option("--model-config", default=None, help="Architecture JSON for official checkpoints that need one.")
+@click.option("--mode", type=click.Choice(["linear_probe", "full", "frozen"]), default=None,
+              help="cls: linear_probe | full; seg: frozen (encoder blocks frozen, §11) | full.")
+@click.option("--pool", type=click.Choice(["global", "cls", "token_mix"]), default=None, help="cls pooling.")
+@click.argument("overrides", nargs=-1)
+def finetune_cmd(config_file, device, precision, out_dir, resume, task, data_dir, model_name, checkpoint,
+                 model_config, mode, pool, overrides):
+    """Fine-tune a classification or segmentation model; keeps the best validation checkpoint, then tests it."""
+    from mirage_edge.train.config import FinetuneConfig
+
+    file_task = None
+    if config_file:
+        file_task = C.read_file(config_file).get("task")
+    eff_task = task or file_task or "cls"
+    base = {"mode": "frozen", "image_size": 1024} if eff_task == "seg" else {}
+    cfg = build_config(FinetuneConfig, config_file, {
+        "task": task, "data": data_dir, "loop.device": device, "loop.precision": precision,
+        "out_dir": out_dir, "model.name": model_name, "model.checkpoint": checkpoint,
+        "model.config": model_config, "mode": mode, "pool": pool}, overrides, base=base)
+    from mirage_edge.train.finetune import run_finetune
+
+    run_finetune(cfg, resume=resume)
+
+
+__all__ = ["train", "build_config"]
+

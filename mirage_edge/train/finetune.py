@@ -1,0 +1,335 @@
+"""Fine-tuning for classification and segmentation (ARCHITECTURE.md §11-§12) on top of the engine.
+
+* cls: encoder + ClsHead (LayerNorm -> pool global|cls|token_mix -> Linear); `linear_probe` trains
+  the final Linear only (the official `head.` rule), `full` everything. Loss: label-smoothing CE.
+* seg: encoder + ConvNeXtSegHead; `frozen` freezes the transformer blocks (patch projection, global
+  token and head train, §11), `full` trains everything. Loss: 0.5 CE + 0.5 generalised Dice.
+The validation metric picks `best/` and drives early stopping; the best checkpoint is then
+evaluated on the test split with `mirage_edge.metrics` and the numbers written to
+`<out_dir>/test_metrics.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mirage_edge import config as C
+from mirage_edge._io import atomic_write_text
+from mirage_edge.errors import ConfigError, DataError
+from mirage_edge.train.config import FinetuneConfig, ModelSpec
+
+TASK_NAMES = {"cls": "classification", "seg": "segmentation"}
+DEFAULT_MONITOR = {"cls": "bacc", "seg": "dice"}
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run folder is accepted in place of a checkpoint: its best/, else its latest checkpoints/step_*."""
+    from mirage_edge.train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"'model.checkpoint' {p} does not exist")
+    if p.is_dir() and not (p / "config.json").exists():
+        if (p / "best" / "config.json").exists():
+            return str(p / "best")
+        last = latest_checkpoint(p / "checkpoints")
+        if last is not None:
+            return str(last)
+    return str(p)
+
+
+def as_bscan_encoder(encoder: nn.Module, image_size: int) -> nn.Module:
+    """MIRAGE -> B-scan-only encoder without decoders at `image_size` (§11-§12: every fine-tuning
+    image goes through the bscan adapter). Other encoders are returned as they are."""
+    from mirage_edge.models.mirage import MIRAGE
+
+    if not isinstance(encoder, MIRAGE):
+        return encoder
+    if "bscan" not in encoder.input_adapters:
+        raise ConfigError("the checkpoint's MIRAGE has no bscan input adapter; fine-tuning needs one")
+    cfg = encoder.cfg
+    if encoder.output_adapters is not None or list(cfg.in_domains) != ["bscan"]:
+        encoder.output_adapters = None
+        for m in list(encoder.input_adapters):
+            if m != "bscan":
+                del encoder.input_adapters[m]
+        encoder.cfg = dataclasses.replace(cfg, in_domains=["bscan"], out_domains=[], grid_size=None)
+    if tuple(encoder.input_size) != (image_size, image_size):
+        encoder.set_input_size(image_size)
+    return encoder
+
+
+def build_task_model(spec: ModelSpec, task: str, num_classes: int, image_size: int, pool: str,
+                     head: dict[str, Any]) -> nn.Module:
+    """Encoder (registry name, official weights or our folder) + a fresh head; a saved task model of the
+    same task and class count is continued as it is."""
+    from mirage_edge.models import create_model
+    from mirage_edge.models.task import ClassificationModel, SegmentationModel, classification_model, segmentation_model
+
+    kwargs: dict[str, Any] = dict(spec.overrides)
+    name = spec.name or "mirage"
+    if spec.checkpoint:
+        kwargs["checkpoint"] = resolve_checkpoint(spec.checkpoint)
+        if spec.config:
+            if not Path(spec.config).is_file():
+                raise ConfigError(f"'model.config' {spec.config} does not exist")
+            kwargs["config"] = spec.config
+        if name.startswith("mirage-"):
+            name = "mirage"
+    if spec.pretrained and not spec.checkpoint:
+        kwargs["pretrained"] = True
+    model = create_model(name, **kwargs)
+    want = SegmentationModel if task == "seg" else ClassificationModel
+    if isinstance(model, (SegmentationModel, ClassificationModel)):
+        if isinstance(model, want) and model.num_classes == num_classes:
+            as_bscan_encoder(model.encoder, image_size)
+            return model
+        model = model.encoder  # another task or class count: keep the encoder, new head
+    encoder = as_bscan_encoder(model, image_size)
+    if task == "seg":
+        return segmentation_model(encoder, num_classes, **head)
+    if head:
+        raise ConfigError(f"'head' options {sorted(head)} are for segmentation; cls takes 'pool' only")
+    return classification_model(encoder, num_classes, pool=pool)
+
+
+def set_trainable(model: nn.Module, task: str, mode: str) -> None:
+    """Freeze per mode (see module docstring)."""
+    from mirage_edge.models.mirage import MIRAGE
+
+    for p in model.parameters():
+        p.requires_grad_(mode == "full")
+    if mode == "full":
+        return
+    if mode == "linear_probe":
+        for p in model.head.fc.parameters():
+            p.requires_grad_(True)
+        return
+    # seg "frozen": transformer blocks frozen; adapters, global token and head train (§11)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    enc = model.encoder
+    if isinstance(enc, MIRAGE):
+        for n, p in enc.named_parameters():
+            if not n.startswith("encoder."):
+                p.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def check_data(cfg: FinetuneConfig) -> Any:
+    """Fail early, naming the path, when the folder is missing or holds another task."""
+    from mirage_edge.data.layout import scan_dataset
+
+    if not cfg.data:
+        raise ConfigError("'data' is not set: give the dataset folder (--data DIR)")
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise ConfigError(f"'data' {root} does not exist or is not a folder")
+    index = scan_dataset(root, "auto")
+    want = TASK_NAMES[cfg.task]
+    if index.task != want and not (cfg.task == "seg" and index.task == "multimodal" and index.info is not None):
+        raise ConfigError(f"task {cfg.task!r} needs a {want} folder, but 'data' {root} is a {index.task} set")
+    for split in ("train", "val"):
+        if split not in index.splits or not index.splits[split]:
+            raise DataError(f"{root} has no '{split}' split ({root / split}); fine-tuning needs train and val")
+    return index
+
+
+def _spec(cfg: FinetuneConfig):
+    from mirage_edge.data import PreprocessSpec
+
+    # §10/§12: per-image min-max; segmentation before resizing, classification after
+    order = "before_resize" if cfg.task == "seg" else "after_resize"
+    return PreprocessSpec(size=(cfg.image_size, cfg.image_size), scaling="minmax", minmax_order=order)
+
+
+def _datasets(cfg: FinetuneConfig, spec) -> dict[str, Any]:
+    from mirage_edge.data import ClassificationFolder, SegmentationFolder
+
+    cls = SegmentationFolder if cfg.task == "seg" else ClassificationFolder
+    root = Path(cfg.data)
+    out = {"train": cls(root, split="train", spec=spec, augment=cfg.augment),
+           "val": cls(root, split="val", spec=spec, augment=False)}
+    if cfg.test and (root / "test").is_dir():
+        out["test"] = cls(root, split="test", spec=spec, augment=False)
+    return out
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Any, batch_size: int, num_workers: int = 0) -> dict[int, np.ndarray]:
+    """This rank's share of `dataset` -> {index: probs (K,) for cls | argmax mask H x W (uint8/int16) for seg},
+    gathered from every rank."""
+    from torch.utils.data import DataLoader, Subset
+
+    from mirage_edge.train import distributed as D
+    from mirage_edge.train.engine import shard_indices
+
+    dev = next(model.parameters()).device
+    idx = shard_indices(len(dataset))
+    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())
+    out: dict[int, np.ndarray] = {}
+    for batch in loader:
+        logits = model(batch["image"].to(dev)).float()
+        if logits.dim() == 2:
+            vals = logits.softmax(dim=1).cpu().numpy()
+        else:
+            vals = logits.argmax(dim=1).to(torch.int16).cpu().numpy()
+        for i, v in zip(batch["index"].tolist(), vals):
+            out[int(i)] = v
+    merged: dict[int, np.ndarray] = {}
+    for part in D.all_gather_objects(out):
+        merged.update(part)
+    return merged
+
+
+def evaluate_cls(model: nn.Module, dataset: Any, batch_size: int, num_workers: int = 0) -> dict[str, float]:
+    """Classification metrics (mirage_edge.metrics) + plain CE loss on `dataset`."""
+    from mirage_edge.metrics import classification_metrics
+
+    preds = predict(model, dataset, batch_size, num_workers)
+    order = sorted(preds)
+    probs = np.stack([preds[i] for i in order]).astype(np.float64)
+    y = np.asarray([dataset.targets[i] for i in order])
+    metrics = dict(classification_metrics(y, probs))
+    p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+    metrics["loss"] = float(-np.log(p).mean())
+    return _flat(metrics)
+
+
+def evaluate_seg(model: nn.Module, dataset: Any, batch_size: int, num_workers: int = 0,
+                 hd95: bool = True) -> dict[str, float]:
+    """Per-volume segmentation metrics (mirage_edge.metrics, background excluded) on `dataset`;
+    predictions are resized (nearest) to each ground truth's size as §13 does."""
+    from mirage_edge.data import resize_mask
+    from mirage_edge.metrics import segmentation_metrics
+
+    preds = predict(model, dataset, batch_size, num_workers)
+    order = sorted(preds)
+    pred_masks, true_masks = [], []
+    for i in order:
+        gt = dataset.read_mask(i)
+        pm = preds[i].astype(np.int64)
+        if pm.shape != gt.shape:
+            pm = resize_mask(pm, gt.shape)
+        pred_masks.append(pm)
+        true_masks.append(gt)
+    vols = [dataset.volume_ids[i] for i in order]
+    kwargs = {} if hd95 else {"hd95": False}
+    try:
+        metrics = segmentation_metrics(pred_masks, true_masks, vols, dataset.info, **kwargs)
+    except TypeError:
+        metrics = segmentation_metrics(pred_masks, true_masks, vols, dataset.info)
+    return _flat(metrics)
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    """Keep scalar numbers (nested per-class tables go to the JSON report, not the monitor)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (bool, np.bool_)):
+            continue
+        if isinstance(v, (int, float, np.integer, np.floating)):
+            out[k] = float(v)
+    return out
+
+
+# -------------------------------------------------------------------------------------- run
+
+
+def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, Any]:
+    """Fine-tune per `cfg`; returns {"fit": FitResult, "val": best val metrics, "test": test metrics}."""
+    from mirage_edge.train import distributed as D
+    from mirage_edge.train.checkpoint import load_checkpoint
+    from mirage_edge.train.engine import Trainer, steps_per_epoch
+    from mirage_edge.train.losses import ce_gdice_loss
+    from mirage_edge.train.optim import CosineSchedule, build_adamw
+
+    check_data(cfg)
+    info = D.env_dist_info()
+    spec = _spec(cfg)
+    sets = _datasets(cfg, spec)
+    train_set = sets["train"]
+    if cfg.task == "cls" and train_set.num_classes < 2:
+        raise DataError(f"{cfg.data}: classification needs at least 2 class folders, found {train_set.classes}")
+    torch.manual_seed(cfg.loop.seed)
+    model = build_task_model(cfg.model, cfg.task, train_set.num_classes, cfg.image_size, cfg.pool, dict(cfg.head))
+    set_trainable(model, cfg.task, cfg.mode)
+    opt = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
+                      layer_decay=cfg.optim.layer_decay)
+    spe = steps_per_epoch(len(train_set), cfg.loop, info.world_size)
+    total = spe * cfg.loop.epochs if not cfg.loop.max_steps else min(spe * cfg.loop.epochs, cfg.loop.max_steps)
+    warm = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_epochs * spe))
+    schedule = CosineSchedule(cfg.optim.lr, total, warm, cfg.optim.min_lr)
+    eval_bs = max(1, cfg.loop.micro_batch(info.world_size))
+
+    if cfg.task == "cls":
+        def loss_fn(m: nn.Module, batch: dict[str, Any]):
+            logits = m(batch["image"]).float()
+            loss = F.cross_entropy(logits, batch["label"], label_smoothing=cfg.label_smoothing)
+            acc = (logits.argmax(1) == batch["label"]).float().mean()
+            return loss, {"acc": acc.detach()}
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            return evaluate_cls(m, sets["val"], eval_bs, cfg.loop.num_workers)
+    else:
+        def loss_fn(m: nn.Module, batch: dict[str, Any]):
+            return ce_gdice_loss(m(batch["image"]), batch["mask"], cfg.ce_weight, cfg.dice_weight)
+
+        def evaluate(m: nn.Module) -> dict[str, float]:
+            return evaluate_seg(m, sets["val"], eval_bs, cfg.loop.num_workers, hd95=False)
+
+    monitor = cfg.monitor or DEFAULT_MONITOR[cfg.task]
+    mode = "min" if monitor.endswith("loss") or monitor.startswith("hd95") else "max"
+    meta = {"trained_by": "mirage-edge train finetune", "task": TASK_NAMES[cfg.task],
+            "classes": list(train_set.classes), "preprocessing": spec.to_dict(), "monitor": monitor,
+            "data": str(cfg.data)}
+
+    def save_fn(m: nn.Module, out_dir: Path) -> None:
+        from mirage_edge.models import save_model
+
+        save_model(m, out_dir, extra=meta)
+
+    trainer = Trainer(model, loss_fn, train_set, loop=cfg.loop, optimizer=opt, schedule=schedule,
+                      run_dir=cfg.out_dir, evaluate=evaluate, monitor=monitor, mode=mode,
+                      config=C.to_dict(cfg), save_model_fn=save_fn, description=f"finetune-{cfg.task}")
+    fit = trainer.fit(resume=resume)
+    out: dict[str, Any] = {"fit": fit, "val": fit.history[-1] if fit.history else {}, "test": None}
+    if fit.best_dir is not None:
+        load_checkpoint(fit.best_dir, model)
+        out["val"] = next((h for h in fit.history if h["step"] == fit.best_step), out["val"])
+    if "test" in sets and len(sets["test"]):
+        model.eval()
+        with torch.no_grad(), D.autocast(trainer.device, trainer.amp_dtype):
+            if cfg.task == "cls":
+                test = evaluate_cls(model, sets["test"], eval_bs, cfg.loop.num_workers)
+            else:
+                test = evaluate_seg(model, sets["test"], eval_bs, cfg.loop.num_workers, hd95=True)
+        out["test"] = test
+        if info.is_main:
+            atomic_write_text(Path(cfg.out_dir) / "test_metrics.json", json.dumps(
+                {"checkpoint": str(fit.best_dir), "best_step": fit.best_step, "val": out["val"], "test": test},
+                indent=1, default=float))
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items())
+            print(f"test ({fit.best_dir}): {shown}", flush=True)
+    D.shutdown_distributed()
+    return out
+
+
+__all__ = ["run_finetune", "resolve_checkpoint", "build_task_model", "set_trainable", "as_bscan_encoder", "evaluate_cls",
+           "evaluate_seg", "predict", "check_data"]
