@@ -18,6 +18,7 @@ from mirage_edge.errors import MirageEdgeError
 
 # command name -> "module:attribute". Add a line here when an area gains a command.
 COMMANDS: dict[str, str] = {
+    "data": "mirage_edge.data.cli:data",
     "info": "mirage_edge.models.cli:info_cmd",
     "convert": "mirage_edge.models.cli:convert_cmd",
     "export": "mirage_edge.export.cli:export_cmd",

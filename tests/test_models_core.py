@@ -52,7 +52,8 @@ def test_tiny_size_and_shapes(tiny):
     full = create_model("mirage-tiny", device="meta")
     assert (full.cfg.dim_tokens, full.cfg.depth, full.cfg.num_heads) == (192, 4, 3)
     assert full.input_size == (512, 512) and full.patch_size == (32, 32)
-    assert full.cfg.input_size["bscanlayermap"] == [128, 128] and full.cfg.patch_size["bscanlayermap"] == [8, 8]
+    assert full.cfg.input_size["bscanlayermap"] == [128, 128]
+    assert full.cfg.patch_size["bscanlayermap"] == [8, 8]
     x = torch.rand(2, 1, 128, 128)
     lm = torch.randint(0, 13, (2, 32, 32))
     with torch.no_grad():
@@ -77,7 +78,9 @@ def test_intermediates_indices(tiny):
     outs = tiny.forward_intermediates(x, 2)
     assert len(outs) == 2
     torch.testing.assert_close(outs[-1], tiny.forward_features(x))
-    assert len(tiny.forward_intermediates(x, [0, -1])) == 2
+    last, first = tiny.forward_intermediates(x, [-1, 0])
+    torch.testing.assert_close(last, outs[-1])
+    assert not torch.equal(first, last)
     with pytest.raises(InputError):
         tiny.forward_intermediates(x, [7])
 
@@ -128,7 +131,11 @@ class FakeCNN(nn.Module):
         return self.conv(x).flatten(2).transpose(1, 2)
 
 
-@pytest.mark.parametrize("make_encoder", [lambda: create_model("mirage-tiny", out_domains=[], **SMALL), FakeCNN])
+def _tiny_encoder():
+    return create_model("mirage-tiny", out_domains=[], **SMALL)
+
+
+@pytest.mark.parametrize("make_encoder", [_tiny_encoder, FakeCNN], ids=["mirage-tiny", "fake-cnn"])
 def test_task_models_any_encoder(make_encoder):
     enc = make_encoder()
     x = torch.rand(2, 1, 128, 128)
@@ -211,3 +218,24 @@ def test_input_errors(tiny):
                                "bscanlayermap": torch.full((1, 32, 32), 13)})
     with pytest.raises(InputError, match="batch sizes differ"):
         tiny.forward_features({"bscan": torch.rand(1, 1, 128, 128), "slo": torch.rand(2, 1, 128, 128)})
+
+
+def test_models_package_import_is_torch_free():
+    from conftest import run_without_torch
+
+    res = run_without_torch(
+        "import mirage_edge.models as m, mirage_edge.models.cli, mirage_edge.models.weights\n"
+        "print(m.register_model.__name__)"
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_masking_alphas_and_per_modality_sizes():
+    g = torch.Generator().manual_seed(3)
+    # a strongly skewed Dirichlet puts (almost) every visible token in the first modality
+    masks = sample_task_masks(32, {"bscan": 16, "slo": 16}, 8, [50.0, 0.01], g)
+    vis_b = (masks["bscan"] == 0).sum(1).float().mean()
+    assert vis_b > 7 and all(m.dtype == torch.long for m in masks.values())
+    m = create_model("mirage-tiny", device="meta", input_size={"bscan": [64, 96], "slo": [64, 96],
+                                                                "bscanlayermap": [16, 24]})
+    assert m.cfg.grid("bscanlayermap") == (2, 3) and m.input_adapters["bscan"].pos_emb.shape[-2:] == (2, 3)

@@ -53,7 +53,8 @@ def test_tokens_and_adapters(tiny, ref):
     emb = tiny.embed_inputs(inputs(ref))
     for m in MODS:
         close(emb[m], ref[f"adapter_{m}"])
-    for key, names in [("tokens_bscan", ("bscan",)), ("tokens_slo", ("slo",)), ("tokens_bscan_slo", ("bscan", "slo"))]:
+    subsets = [("tokens_bscan", ("bscan",)), ("tokens_slo", ("slo",)), ("tokens_bscan_slo", ("bscan", "slo"))]
+    for key, names in subsets:
         close(tiny.forward_features(inputs(ref, names)), ref[key])
     # a plain tensor is the B-scan
     close(tiny.forward_features(t(ref, "input_bscan")), ref["tokens_bscan"])
@@ -139,7 +140,8 @@ def test_segmentation_head(mirage_ref, ref):
 @torch.no_grad()
 def test_hf_layout(mirage_ref):
     hf = np.load(mirage_ref / "tiny_hf" / "reference.npz")
-    m = create_model("mirage", checkpoint=mirage_ref / "tiny_hf", config=mirage_ref / "tiny_config.json").eval()
+    cfg = mirage_ref / "tiny_config.json"
+    m = create_model("mirage", checkpoint=mirage_ref / "tiny_hf", config=cfg).eval()
     assert m.cfg.in_domains == ["bscan", "slo"] and m.output_adapters is None
     b, s = t(hf, "input_bscan"), t(hf, "input_slo")
     close(m.forward_features({"bscan": b, "slo": s}), hf["tokens_bscan_slo"])

@@ -133,7 +133,8 @@ def test_preprocess_is_torch_free():
         """
         import sys, numpy as np
         import mirage_edge.data
-        from mirage_edge.data import preprocess, PreprocessSpec, read_image
+        import mirage_edge.data.layout, mirage_edge.data.check, mirage_edge.data.synth, mirage_edge.data.cli
+        from mirage_edge.data import preprocess, PreprocessSpec, read_image, check_dataset
         out = preprocess(np.zeros((10, 12), np.uint16), PreprocessSpec(size=(8, 8)))
         assert out.shape == (1, 8, 8)
         assert "torch" not in sys.modules

@@ -109,7 +109,12 @@ def score(data: TaskData, preds: list[np.ndarray] | np.ndarray) -> dict[str, flo
         res = metrics.classification_metrics(data.labels, np.asarray(preds))
         wanted = CLS_METRICS
     else:
-        res = metrics.segmentation_metrics(preds, data.masks, data.volume_ids, data.classes)
+        from mirage_edge.data.layout import SegClass
+
+        # MIRAGE's rule: background-like labels are not scored, "invalid" ground truth is copied
+        invalid = [i for i, c in enumerate(data.classes) if SegClass(i, i, c).kind == "invalid"]
+        res = metrics.segmentation_metrics(preds, data.masks, data.volume_ids, data.classes, ignore=None,
+                                           invalid=invalid)
         wanted = SEG_METRICS
     out = {}
     lower = {str(k).lower(): v for k, v in res.items()}

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,15 +37,21 @@ class DemoPlan:
     distill_batch: int = 8
     student: str = "mobilenetv4_conv_small"
     calib_images: int = 16
+    # (formats, precisions) exported per model (every combination); () skips the model
+    export_teacher: tuple = (("onnx", "openvino"), ("fp32", "int8"))
+    export_student: tuple = (("onnx", "openvino"), ("fp32", "int8"))
+    export_student_qat: tuple = (("onnx", "openvino"), ("int8",))
     budget_s: float = 2.0
     min_iters: int = 5
+    isolate: bool = True      # one worker process per benchmarked form (the suite default)
     references: tuple[str, ...] = ("mirage-base", "mirage-large")
 
     @classmethod
     def fast(cls) -> "DemoPlan":
         return cls(image_size=64, n_images=12, teacher_epochs=2, teacher_batch=4, stage1_epochs=1, stage2_epochs=1,
                    qat_epochs=1, distill_batch=4, student="student-tiny", calib_images=4, budget_s=0.2,
-                   min_iters=3, references=("mirage-base",))
+                   min_iters=3, isolate=False, references=("mirage-base",), export_teacher=(("onnx",), ("fp32",)),
+                   export_student=(("onnx",), ("fp32",)), export_student_qat=(("onnx", "openvino"), ("int8",)))
 
 
 @dataclasses.dataclass
@@ -86,6 +94,10 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
              plan: DemoPlan | None = None, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run (or resume) the demo in `out_dir`; returns the bench records and report paths."""
     plan = plan or (DemoPlan.fast() if fast else DemoPlan())
+    if "torch" not in sys.modules:
+        # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning makes
+        # PyTorch training and inference up to 100x slower (see bench.suite.TimingConfig).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = Path(out_dir).resolve()
     con = _Console()
     say = log or (lambda msg: con.print(msg))
@@ -146,9 +158,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
                                                ("report", "report.md"), ("plot", "pareto.png"))
                  if (bench_dir / f).is_file()}
     seconds = time.perf_counter() - t_all
-    say("")
-    say(print_table(records))
-    say("")
+    print("\n" + print_table(records) + "\n", flush=True)  # unwrapped: the table is wider than a terminal
     for name, path in paths.items():
         say(f"{name}: {path}")
     say(f"demo finished in {seconds:.0f} s (" + ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in times.items()) + ")")
@@ -199,17 +209,20 @@ def _qat_dir(distill_dir: Path) -> Path | None:
 
 
 def _export_jobs(out: Path, teacher: Path, distill_dir: Path, plan: DemoPlan) -> list[dict[str, Any]]:
-    """What to export: teacher FP32 + INT8 (PTQ); FP32 student FP32 + INT8 (PTQ); QAT student INT8."""
-    jobs = [dict(name="teacher", src=teacher, kind="checkpoint", out=out / "export" / "teacher",
-                 formats=["onnx", "openvino"], precisions=["fp32", "int8"]),
-            dict(name="student", src=distill_dir / "student", kind="student", out=out / "export" / "student",
-                 formats=["onnx", "openvino"], precisions=["fp32", "int8"])]
-    qat = _qat_dir(distill_dir)
-    jobs.append(dict(name="student-qat", src=qat or distill_dir / "student-qat", kind="student",
-                     out=out / "export" / "student-qat", formats=["onnx", "openvino"], precisions=["int8"]))
-    for job in jobs:
-        job["artifacts"] = [job["out"] / f"{f}-{p}" for f in job["formats"] for p in job["precisions"]]
-        job["calib"] = plan.calib_images
+    """What to export: the teacher (FP32, PTQ INT8), the FP32 student (FP32, PTQ INT8) and the QAT
+    student (INT8 from its Q/DQ graph), as the plan says."""
+    qat = _qat_dir(distill_dir) or distill_dir / "student-qat"
+    sources = (("teacher", teacher, "checkpoint", plan.export_teacher),
+               ("student", distill_dir / "student", "student", plan.export_student),
+               ("student-qat", qat, "student", plan.export_student_qat))
+    jobs = []
+    for name, src, kind, combo in sources:
+        if not combo:
+            continue
+        formats, precisions = list(combo[0]), list(combo[1])
+        dest = out / "export" / name
+        jobs.append(dict(name=name, src=src, kind=kind, out=dest, formats=formats, precisions=precisions,
+                         artifacts=[dest / f"{f}-{p}" for f in formats for p in precisions], calib=plan.calib_images))
     return jobs
 
 
@@ -250,13 +263,11 @@ def _bench(out: Path, bench_dir: Path, plan: DemoPlan, threads: int, say: Callab
     overrides = [f"root={json.dumps(str(out))}", f"data={json.dumps(str(out / 'data'))}",
                  f"timing.threads=[{threads}]", f"timing.input_sizes=[{plan.image_size}]",
                  f"timing.budget_s={plan.budget_s}", f"timing.min_iters={plan.min_iters}",
-                 'models=[{label="teacher", role="teacher", checkpoint="{root}/teacher", '
-                 'artifacts=["{root}/export/teacher/*"]}, '
-                 '{label="student", role="student", checkpoint="{root}/distill/student", '
-                 'artifacts=["{root}/export/student/*"]}, '
-                 '{label="student-qat", role="student", artifacts=["{root}/export/student-qat/*"]}'
-                 + "".join(f', {{label="{r}", role="reference", registry="{r}"}}' for r in plan.references) + "]"]
-    return bench(resolve_suite("synthetic"), out_dir=bench_dir, overrides=overrides, progress=say)
+                 f"timing.isolate={'true' if plan.isolate else 'false'}"]
+    if not plan.isolate:
+        overrides.append("timing.min_warmup_s=0.0")
+    models = ["teacher", "student", "student-qat", *plan.references]
+    return bench(resolve_suite("synthetic"), out_dir=bench_dir, overrides=overrides, models=models, progress=say)
 
 
 __all__ = ["run_demo", "DemoPlan", "DemoResult"]

@@ -27,8 +27,8 @@ class MirageTorchRunner(TorchRunner):
 
 
 def _preprocess_from_config(cfg: dict[str, Any], size: tuple[int, int] | None) -> Any:
-    """The checkpoint's preprocessing spec (stored by train/distill in config.json "meta"), else the
-    MIRAGE fine-tuning default (per-image min-max) at the model's input size."""
+    """The checkpoint's preprocessing spec (train stores it as meta.preprocessing, distill as
+    meta.preprocess), else None (the row is then timed but not evaluated)."""
     from mirage_edge.data.preprocess import PreprocessSpec
 
     meta = cfg.get("meta") or {}
@@ -36,33 +36,49 @@ def _preprocess_from_config(cfg: dict[str, Any], size: tuple[int, int] | None) -
         spec = holder.get("preprocessing") or holder.get("preprocess")
         if isinstance(spec, dict):
             return PreprocessSpec.from_dict(spec.get("bscan", spec) if "size" not in spec else spec)
-    return PreprocessSpec(size=tuple(size or (512, 512)))
+    return PreprocessSpec(size=tuple(size)) if size else None
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a training run folder (its best/, else its latest checkpoint)."""
+    if (path / "config.json").is_file() or (path / "qat.json").is_file():
+        return path
+    if path.is_dir():
+        from mirage_edge.train.finetune import resolve_checkpoint
+
+        resolved = Path(resolve_checkpoint(str(path)))
+        if (resolved / "config.json").is_file():
+            return resolved
+    raise CheckpointError(f"checkpoint folder not found or incomplete: {path} (needs config.json + "
+                          "model.safetensors, qat.json for a QAT student, or a run folder with best/)")
 
 
 def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = None,
                  input_size: int | None = None) -> Runner:
-    """A checkpoint folder (trained weights) or a registered model name (random weights + a fresh
-    task head of `task_kind` with `num_classes` classes, built for `input_size`)."""
+    """A checkpoint folder (trained weights; FP32 or QAT student; a run folder's best/) or a
+    registered model name (random weights + a fresh task head of `task_kind` with `num_classes`
+    classes, built for `input_size`)."""
     path = Path(source)
     if path.exists() or "/" in source or source.startswith("."):
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"checkpoint folder not found or incomplete: {path} (needs config.json + "
-                                  "model.safetensors)")
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        path = _resolve_checkpoint(path)
+        qat = (path / "qat.json").is_file()
+        cfg = json.loads(((path / "fp32") if qat else path).joinpath("config.json").read_text(encoding="utf-8"))
         kind = TASK_KIND.get(cfg.get("kind", ""), "")
         classes = list((cfg.get("meta") or {}).get("classes") or [])
 
         def build() -> Any:
+            if qat:
+                from mirage_edge.distill import load_student
+
+                return load_student(path)
             from mirage_edge.models.checkpoint import load_model
 
             return load_model(path)
 
-        probe = build()
-        size = getattr(probe, "input_size", None)
-        spec = _preprocess_from_config(cfg, tuple(size) if size else None)
-        runner = MirageTorchRunner(build, task_kind=kind, classes=classes, spec=spec, weights="trained",
-                                   files=sorted(path.glob("*.safetensors")))
-        return runner
+        spec = _preprocess_from_config(cfg, None)
+        return MirageTorchRunner(build, task_kind=kind, classes=classes, spec=spec, weights="trained",
+                                 files=sorted(path.glob("*.safetensors")),
+                                 notes="QAT fake-quant model in PyTorch" if qat else "")
 
     from mirage_edge.models import create_model
 

@@ -89,6 +89,7 @@ class BenchRecord:
     cpu_count: int = 0
     jetson: str = ""
     power_w: float | None = None
+    load_avg: float | None = None         # 1-min load average when the row was timed (other processes' load)
     versions: str = ""
     timestamp: str = ""
     notes: str = ""
@@ -101,6 +102,16 @@ class BenchRecord:
     def label(self) -> str:
         """Short human name: 'student openvino int8'."""
         return f"{self.model} {self.backend} {self.precision}".strip()
+
+
+# Backends that run a model in its training framework (the teacher's reference row); the others
+# run exported artifacts.
+SOURCE_BACKENDS = ("torch", "callable")
+
+
+def is_teacher_reference(r: BenchRecord) -> bool:
+    """The teacher's own (PyTorch) row: the reference of every latency ratio and metric retention."""
+    return r.role == "teacher" and r.backend in SOURCE_BACKENDS
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BenchRecord))
@@ -170,5 +181,5 @@ def read_records(path: str | Path) -> list[BenchRecord]:
     return [record_from_dict(r) for r in rows]
 
 
-__all__ = ["BenchRecord", "FIELDS", "PRIMARY_METRIC", "CLS_METRICS", "SEG_METRICS", "write_records",
+__all__ = ["BenchRecord", "FIELDS", "SOURCE_BACKENDS", "is_teacher_reference", "PRIMARY_METRIC", "CLS_METRICS", "SEG_METRICS", "write_records",
            "read_records", "records_to_csv", "records_to_json", "record_from_dict"]

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from mirage_edge._io import atomic_path, atomic_write_text
 from mirage_edge.bench.hardware import HardwareInfo
-from mirage_edge.bench.record import CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, BenchRecord
+from mirage_edge.bench.record import CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, BenchRecord, is_teacher_reference
 
 Key = tuple[str, int, int, int]  # task, threads, batch, input size
 
@@ -35,7 +35,7 @@ def teacher_rows(records: Iterable[BenchRecord]) -> dict[Key, BenchRecord]:
     """The teacher's PyTorch row per (task, threads, batch, size): the reference of every ratio."""
     out: dict[Key, BenchRecord] = {}
     for r in records:
-        if r.role == "teacher" and r.backend == "torch" and r.ok and r.latency_median_ms:
+        if is_teacher_reference(r) and r.ok and r.latency_median_ms:
             out.setdefault(_key(r), r)
     return out
 
@@ -74,8 +74,8 @@ def headline(records: list[BenchRecord]) -> dict[str, Any]:
         rows = [r for r in ok if r.task == task and r.batch == batch]
         threads, size = rows[0].threads, rows[0].input_h
         rows = [r for r in rows if r.threads == threads and r.input_h == size]
-        teacher = next((r for r in rows if r.role == "teacher" and r.backend == "torch"), None)
-        exported = _fastest([r for r in rows if r.role == "teacher" and r.backend != "torch"])
+        teacher = next((r for r in rows if is_teacher_reference(r)), None)
+        exported = _fastest([r for r in rows if r.role == "teacher" and not is_teacher_reference(r)])
         refs = {r.model: r for r in rows if r.role == "reference" and r.backend == "torch"}
         int8 = [r for r in rows if r.role == "student" and r.precision == "int8"]
         keeping = [r for r in int8 if r.metric_retention is not None and r.metric_retention >= 0.97]
@@ -93,15 +93,15 @@ def _headline_md(records: list[BenchRecord]) -> list[str]:
         lines.append(f"### Task `{task or '(latency only)'}` — batch {h['batch']}, {h['size']}x{h['size']}, "
                      f"{h['threads']} threads")
         if t:
-            lines.append(f"- Teacher `{t.model}` PyTorch FP32: **{_ms(t.latency_median_ms)} ms** median"
+            lines.append(f"- Teacher {t.label}: **{_ms(t.latency_median_ms)} ms** median"
                          + (f", {t.primary_metric} {_f(t.primary_value, 4)}" if t.primary_value is not None else ""))
         if e:
             lines.append(f"- Best exported teacher form: {e.label}: {_ms(e.latency_median_ms)} ms "
-                         f"({_f(_speedup(e, t), 1)}x faster than its PyTorch FP32)")
+                         f"({_f(_speedup(e, t), 1)}x faster than {t.label if t else 'the teacher'})")
         if s:
             lines.append(f"- Best INT8 student ({h['student_rule']}): **{s.label}: {_ms(s.latency_median_ms)} ms**")
             if t:
-                lines.append(f"  - {_f(_speedup(s, t), 1)}x faster than the teacher's PyTorch FP32 row")
+                lines.append(f"  - {_f(_speedup(s, t), 1)}x faster than the teacher row ({t.label})")
             for name, ref in h["references"].items():
                 rw = " (random weights)" if ref.weights == "random" else ""
                 lines.append(f"  - **{_f(_speedup(s, ref), 1)}x** faster than `{name}` PyTorch FP32{rw} "
@@ -153,6 +153,15 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
                      f"(`time.perf_counter`, GC paused); {tm.warmup} warm-up calls (and >= {tm.min_warmup_s} s), then "
                      f"at least {tm.min_iters} and at most {tm.max_iters} timed calls, stopping after {tm.budget_s} s "
                      "of timed calls (`n` = calls timed; with few calls p99 is close to max).")
+        if tm.omp_wait_policy:
+            lines.append(f"- Worker processes run with OMP_WAIT_POLICY={tm.omp_wait_policy} (idle OpenMP threads sleep "
+                         "instead of spinning, which keeps PyTorch usable on a shared CPU).")
+    loads = [r.load_avg for r in records if r.load_avg is not None]
+    if loads:
+        cpus = max((r.cpu_count for r in records), default=0)
+        warn = (" **The CPU was shared with other work while timing: latencies are upper bounds.**"
+                if cpus and max(loads) > cpus else "")
+        lines.append(f"- 1-minute load average while timing: {min(loads):.1f}-{max(loads):.1f} on {cpus} CPUs.{warn}")
     lines += ["- Throughput = batch / median latency. Load time = building the model / session "
               "(incl. reading weights).",
               f"- Peak RSS: {rss or 'not measured'}.",
@@ -212,7 +221,7 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
              if any(r.task == t and r.primary_value is not None for r in ok)]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7.5 * len(tasks), 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 5.6), squeeze=False)
     colors = {"teacher": "tab:red", "student": "tab:blue", "reference": "tab:gray", "candidate": "tab:green"}
     markers = {"fp32": "o", "bf16": "D", "fp16": "D", "int8": "s"}
     for ax, task in zip(axes[0], tasks):
@@ -239,18 +248,21 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
                 ax.text(r.latency_median_ms, lo - pad * 0.6, f" {r.model} {r.backend} {r.precision}\n "
                         f"({'random weights, ' if r.weights == 'random' else ''}latency only)",
                         fontsize=7, color="dimgray", rotation=90, va="bottom", ha="right")
-        teacher = next((r for r in scored if r.role == "teacher" and r.backend == "torch"), None)
+        teacher = next((r for r in scored if is_teacher_reference(r)), None)
         if teacher is not None:
             ax.axhline(teacher.primary_value, color="tab:red", ls=":", lw=1, label="teacher (PyTorch FP32)")
             ax.axhline(0.97 * teacher.primary_value, color="tab:red", ls="--", lw=0.8, alpha=0.5,
                        label="97% of teacher")
         ax.set_xscale("log")
+        xs = [r.latency_median_ms for r in rows]
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 3.0)  # room for the labels right of the points
         ax.set_ylim(lo - pad, hi + pad)  # type: ignore[operator]
         ax.set_xlabel(f"median latency, ms (batch {batch}, {size}x{size}, {threads} threads; log scale)")
         ax.set_ylabel(f"{metric} ({task})")
         ax.set_title(f"{task}: latency vs {metric} ({rows[0].suite})")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.text(0.01, 0.01, "red: teacher, blue: student, grey: reference; square: INT8, circle: FP32",
              fontsize=7, color="dimgray")
     fig.tight_layout()

@@ -19,7 +19,7 @@ from mirage_edge import config as _config
 from mirage_edge._io import atomic_write_text
 from mirage_edge.bench import accuracy
 from mirage_edge.bench.hardware import HardwareInfo, describe_hardware
-from mirage_edge.bench.record import BenchRecord, record_from_dict, write_records
+from mirage_edge.bench.record import BenchRecord, is_teacher_reference, record_from_dict, write_records
 from mirage_edge.bench.suite import BenchSuite, Form, allowed_backends, expand, plan_forms
 from mirage_edge.bench.worker import run_form
 
@@ -129,8 +129,8 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
             "allowed_backends": sorted(a) if (a := allowed_backends(form, backends)) is not None else None,
             "allowed_precisions": precisions if precisions and form.model.role != "teacher" else None,
         }
-        rows = _run_isolated(spec, work / f"form_{i:03d}", tm.row_timeout_s, tm.threads[0]) if isolated \
-            else run_form(spec)
+        rows = _run_isolated(spec, work / f"form_{i:03d}", tm.row_timeout_s, tm.threads[0], tm.omp_wait_policy) \
+            if isolated else run_form(spec)
         recs = [record_from_dict(r) for r in rows]
         if pred_path.is_file():
             preds[id(form)] = pred_path
@@ -151,7 +151,8 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
     paths = write_records(records, out)
     paths["hardware"] = out / "hardware.json"
     atomic_write_text(paths["hardware"], json.dumps(hw.to_dict(), indent=1) + "\n")
-    atomic_write_text(out / "suite.toml", _config.dumps_toml(_config.to_dict(suite)))
+    # the suite as run (placeholders expanded); JSON because TOML cannot hold an absent synth table
+    atomic_write_text(out / "suite.json", json.dumps(_config.to_dict(suite), indent=1) + "\n")
     from mirage_edge.bench.report import write_report
 
     paths.update(write_report(records, hw, out, suite=suite))
@@ -163,14 +164,15 @@ def _evaluates(form: Form) -> bool:
     return form.model.evaluate and not (form.kind == "torch" and form.model.registry and not form.model.checkpoint)
 
 
-def _run_isolated(spec: dict[str, Any], stem: Path, timeout: float, threads: int) -> list[dict[str, Any]]:
+def _run_isolated(spec: dict[str, Any], stem: Path, timeout: float, threads: int,
+                  omp_wait_policy: str = "") -> list[dict[str, Any]]:
     """Run one form in a fresh interpreter; a crash, hang or non-zero exit becomes an error row."""
     from mirage_edge.bench.runners import cpu_threads_env
 
     spec_path, out_path = stem.with_suffix(".spec.json"), stem.with_suffix(".out.json")
     out_path.unlink(missing_ok=True)
     atomic_write_text(spec_path, json.dumps(spec))
-    env = cpu_threads_env(threads)
+    env = cpu_threads_env(threads, omp_wait_policy)
     # the worker imports exactly what this process can (suite factories may live outside the package)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
     status, error = "error", ""
@@ -211,7 +213,7 @@ def _join_teacher(records: list[BenchRecord], preds: dict[int, Path]) -> None:
     teachers = {}
     for r in records:
         form = getattr(r, "_form", None)
-        if form is not None and r.role == "teacher" and form.kind == "torch" and r.status == "ok" and r.task:
+        if form is not None and is_teacher_reference(r) and r.status == "ok" and r.task:
             teachers.setdefault(r.task, (r, form))
     cache: dict[int, Any] = {}
 

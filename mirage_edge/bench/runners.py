@@ -187,11 +187,13 @@ def make_input(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray
     return rng.random((batch, 1, height, width), dtype=np.float32)
 
 
-def cpu_threads_env(threads: int) -> dict[str, str]:
-    """Environment for a worker process using `threads` threads."""
+def cpu_threads_env(threads: int, omp_wait_policy: str = "") -> dict[str, str]:
+    """Environment for a worker process using `threads` threads (read when the libraries load)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     return env
 
 

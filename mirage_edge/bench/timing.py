@@ -124,10 +124,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def set_thread_env(threads: int) -> None:
-    """Thread-count variables read by OpenMP/MKL/oneDNN at library load (set before importing them)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
+def load_average() -> float | None:
+    """1-minute load average (None where unknown); above the CPU count, latency is not trustworthy."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
-__all__ = ["LatencyStats", "measure_latency", "peak_rss_mb", "current_rss_mb", "reset_peak_rss", "set_thread_env"]
+__all__ = ["LatencyStats", "measure_latency", "peak_rss_mb", "current_rss_mb", "reset_peak_rss", "load_average"]

@@ -148,6 +148,7 @@ def _time_row(runner: Any, rec: BenchRecord, tm: dict[str, Any], batch: int, siz
     rec.throughput_ips = batch * 1000.0 / stats.median_ms if stats.median_ms > 0 else None
     rec.peak_rss_mb = _timing.peak_rss_mb()
     rec.power_w = power.mean_w
+    rec.load_avg = _timing.load_average()
 
 
 def _evaluate(runner: Any, task: dict[str, Any] | None, spec: dict[str, Any], records: list[BenchRecord]) -> None:

@@ -20,9 +20,13 @@ _LAZY = {
     "DatasetIndex": "mirage_edge.data.layout",
     "SegInfo": "mirage_edge.data.layout",
     "read_info": "mirage_edge.data.layout",
+    "cross_dataset": "mirage_edge.data.layout",
     "check_dataset": "mirage_edge.data.check",
+    "load_dataset": "mirage_edge.data.check",
     "CheckReport": "mirage_edge.data.check",
     "synthesize": "mirage_edge.data.synth",
+    "classification_metrics": "mirage_edge.metrics",
+    "segmentation_metrics": "mirage_edge.metrics",
     # torch
     "SegmentationFolder": "mirage_edge.data.datasets",
     "ClassificationFolder": "mirage_edge.data.datasets",

@@ -36,7 +36,7 @@ CLS_CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")  # Kermany's classes, sorted li
 class CenterStyle:
     """How one device/center renders a scan."""
 
-    looks: float = 2.2             # speckle Gamma shape (frame averaging: larger = smoother)
+    looks: float = 1.7             # speckle Gamma shape (frame averaging: larger = smoother)
     speckle_px: float = 0.6        # speckle grain (Gaussian sigma, pixels)
     psf: tuple[float, float] = (1.0, 1.6)  # optical blur sigma (axial, lateral), pixels at 512
     dynamic_db: float = 33.0       # dB mapped to the display range
@@ -104,14 +104,14 @@ class VolumeParams:
 
 
 def sample_volume(rng: np.random.Generator, n_slices: int, style: CenterStyle) -> VolumeParams:
-    z = style.thickness
+    z = style.thickness * 0.92
     thick = {
         "rnfl": rng.uniform(0.022, 0.032) * z, "gcipl": rng.uniform(0.045, 0.058) * z,
         "inlopl": rng.uniform(0.042, 0.052) * z, "onl": rng.uniform(0.05, 0.064) * z,
         "pr": rng.uniform(0.034, 0.042) * z, "rpe": rng.uniform(0.017, 0.022) * z,
         "choroid": rng.uniform(0.085, 0.13) * z,
     }
-    und = np.stack([rng.uniform(0.0, 0.012, 3), rng.uniform(0.5, 3.0, 3), rng.uniform(0, 2 * np.pi, 3)])
+    und = np.stack([rng.uniform(0.0, 0.005, 3), rng.uniform(0.5, 1.6, 3), rng.uniform(0, 2 * np.pi, 3)])
     return VolumeParams(
         n_slices=n_slices, fovea_x=rng.uniform(0.38, 0.62), fovea_s=rng.uniform(0.35, 0.65),
         pit_sigma=rng.uniform(0.045, 0.065), top=rng.uniform(0.17, 0.36), tilt=rng.uniform(-0.12, 0.12),
@@ -218,12 +218,17 @@ def render_bscan(rng: np.random.Generator, vol: VolumeParams, slice_idx: int, si
         fluid[(Y >= pr_b + pr) & (Y < rpe_b) & (srf_h > 1e-4)[None]] = 2
     X = x[None, :]
     cyst_mask = np.zeros((H, W), bool)
+    cyst_rim = np.zeros((H, W), bool)  # cyst walls are slightly hyperreflective
     for cx, rx, h, depth in cysts:
         cy = inl_b + (pr_b - inl_b) * depth  # centre inside the INL..ONL band
         cyv = float(np.interp(cx, x, cy))
         ry = h / 2
-        cyst_mask |= ((X - cx) / max(rx, 1e-4)) ** 2 + ((Y - cyv) / max(ry, 1e-4)) ** 2 <= 1.0
-    cyst_mask &= (Y >= gcl_b[None]) & (Y < pr_b[None])
+        r2 = ((X - cx) / max(rx, 1e-4)) ** 2 + ((Y - cyv) / max(ry, 1e-4)) ** 2
+        cyst_mask |= r2 <= 1.0
+        cyst_rim |= r2 <= 1.5
+    inside = (Y >= gcl_b[None]) & (Y < pr_b[None])
+    cyst_mask &= inside
+    cyst_rim &= inside & ~cyst_mask
     fluid[cyst_mask] = 1
 
     # --- reflectivity (dB above the noise floor) --------------------------------------------------
@@ -250,7 +255,7 @@ def render_bscan(rng: np.random.Generator, vol: VolumeParams, slice_idx: int, si
     lumen = np.clip((tex - 0.2) / 1.0, 0, 1)
     lumen = lumen * lumen * (3 - 2 * lumen)  # smoothstep: soft vessel walls
     fade = np.clip((rel - 0.8) / 0.2, 0, 1)  # the choroid-sclera interface is a little gradual
-    db = np.where(lab == 7, (20.5 - 3 * rel - 8 * lumen * (0.4 + rel)) * (1 - 0.25 * fade), db)
+    db = np.where(lab == 7, (18.5 - 3 * rel - 6 * lumen * (0.4 + rel)) * (1 - 0.25 * fade), db)
     below = np.clip(Y - csi_b[None], 0, 1)
     db = np.where(lab == 8, 6.0 * np.exp(-below / 0.06) + 1.0, db)
     # lateral reflectivity changes per layer and a fine tissue texture
@@ -260,7 +265,8 @@ def render_bscan(rng: np.random.Generator, vol: VolumeParams, slice_idx: int, si
     fine = cv2.GaussianBlur(rng.standard_normal((H, W)).astype(np.float32), (0, 0), sigmaX=2.5 * px, sigmaY=1.0 * px)
     db = db + 1.6 * fine / (fine.std() + 1e-6)
     # fluid is hyporeflective; fibrovascular PED is medium and heterogeneous
-    db = np.where(fluid == 1, 2.0, db)
+    db = np.where(cyst_rim, db + 5.0, db)
+    db = np.where(fluid == 1, 1.0, db)
     db = np.where(fluid == 2, 1.5, db)
     if fibro:
         db = np.where(fluid == 3, 14.0 + 4 * np.clip(tex, -1, 1), db)
@@ -373,7 +379,8 @@ def render_slo(rng: np.random.Generator, vol: VolumeParams, size: int, field: tu
         cv2.polylines(vmask, [np.round(pts * 16).astype(np.int32)], False, 1.0,
                       thickness=max(1, int(round(w))), lineType=cv2.LINE_AA, shift=4)
     vmask = cv2.GaussianBlur(vmask, (0, 0), 0.6)
-    img = img * (1 - 0.35 * np.clip(vmask, 0, 1))
+    img = img * (1 - 0.3 * np.clip(vmask, 0, 1))
+    img = img * (1 + 0.025 * rng.standard_normal((size, 1)).astype(np.float32))  # line-scan banding
     img = img * rng.gamma(8.0, 1 / 8.0, size=(size, size)).astype(np.float32) ** 0.3
     img = cv2.GaussianBlur(img, (0, 0), 0.5)
     return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8), vmask

@@ -35,14 +35,18 @@ def collect(ds: DistillSamples, predict: Predict, batch_size: int = 16) -> tuple
     return np.concatenate(outs), (np.concatenate(labels) if labels else None)
 
 
-def task_metrics(task: str, logits: np.ndarray, labels: np.ndarray, ds: DistillSamples) -> dict[str, float]:
+def task_metrics(task: str, logits: np.ndarray, labels: np.ndarray, ds: DistillSamples,
+                 hd95: bool = True) -> dict[str, float]:
     """Headline metrics of one model: seg -> per-volume Dice etc.; cls -> BAcc etc."""
     from mirage_edge import metrics
 
     if task == "segmentation":
         pred = logits.argmax(1)
         vols = [s.volume for s in ds.samples]
-        m = metrics.segmentation_metrics(pred, labels, vols, ds.index.classes or None)
+        names = ds.index.classes
+        # MIRAGE scoring: background-like classes (by name) are not scored
+        m = metrics.segmentation_metrics(pred, labels, vols, names or logits.shape[1],
+                                         ignore=None if names else (0,), compute_hd95=hd95)
     else:
         e = np.exp(logits - logits.max(1, keepdims=True))
         m = metrics.classification_metrics(labels, e / e.sum(1, keepdims=True))

@@ -301,7 +301,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             if val is None:
                 return {}
             logits, labels = ev.collect(val, _unwrap(model), recipe.run.eval_batch_size)
-            return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val))[1]}
+            return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val, hd95=False))[1]}
 
         summary = _run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log, eval2,
                              "val_metric" if val is not None else None)

@@ -91,7 +91,7 @@ def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     parts = {"kd": float(kd.detach())}
     if labels is None:
         return kd, parts
-    ce = F.cross_entropy(student_logits.float(), labels.long())
+    ce = F.cross_entropy(student_logits.float(), labels.long(), ignore_index=-1)
     parts["ce"] = float(ce.detach())
     total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce
     if task == "seg" and cfg.dice:

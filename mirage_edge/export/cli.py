@@ -12,8 +12,11 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def load_source_model(checkpoint: str):
-    """(model, SourceInfo, classes) from a checkpoint folder/file or a registered model name."""
+def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None):
+    """(model, SourceInfo, classes) from a checkpoint folder/file or a registered model name.
+
+    `input_size` rebuilds the model at that size (MIRAGE positional tables are resized explicitly).
+    """
     from mirage_edge._io import sha256_file
     from mirage_edge.artifact import SourceInfo
     from mirage_edge.models import is_model
@@ -23,11 +26,12 @@ def load_source_model(checkpoint: str):
         if is_model(checkpoint):
             from mirage_edge.models import create_model
 
-            return create_model(checkpoint), SourceInfo(model_name=checkpoint), None
+            kw = {"input_size": tuple(input_size)} if input_size else {}
+            return create_model(checkpoint, **kw), SourceInfo(model_name=checkpoint), None
         raise ConfigError(f"checkpoint not found: {checkpoint} (and it is not a registered model name)")
     from mirage_edge.models import load_model
 
-    model = load_model(p)
+    model = load_model(p, **({"input_size": tuple(input_size)} if input_size else {}))
     weights = p / "model.safetensors" if p.is_dir() else p
     meta: dict = {}
     cfg_path = p / "config.json" if p.is_dir() else None
@@ -87,7 +91,7 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
     from mirage_edge.export.api import export_model
 
     console = Console(stderr=True)
-    model, source, classes = load_source_model(checkpoint)
+    model, source, classes = load_source_model(checkpoint, input_size)
     with console.status("exporting...") as status:
         def log(msg: str) -> None:
             status.update(msg)

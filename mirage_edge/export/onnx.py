@@ -257,20 +257,14 @@ def qdq_summary(path: Path) -> tuple[dict[str, int], dict[str, int]]:
     onnx = require("onnx", "ONNX inspection")
     graph = onnx.load(str(path), load_external_data=False).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
-    consumers: dict[str, list[str]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n.op_type)
     quantized: Counter[str] = Counter()
     floating: Counter[str] = Counter()
     for n in graph.node:
         if n.op_type in _QDQ or n.op_type == "Constant":
             continue
-        fed = any(producer.get(i) == "DequantizeLinear" for i in n.input)
-        # A node runs in INT8 when its inputs are dequantized and it is either a GEMM/conv (integer
-        # kernel) or its outputs are re-quantized (a QDQ node unit); otherwise it computes in float.
-        requant = all(c and all(t == "QuantizeLinear" for t in c) for c in (consumers.get(o) for o in n.output))
-        if fed and (n.op_type in _INT8_KERNELS or requant):
+        # INT8 kernels exist for GEMM/conv fed by dequantized inputs; every other op (softmax,
+        # norms, GELU, adds) computes in float between DQ and Q even when surrounded by Q/DQ.
+        if n.op_type in _INT8_KERNELS and any(producer.get(i) == "DequantizeLinear" for i in n.input):
             quantized[n.op_type] += 1
         else:
             floating[n.op_type] += 1

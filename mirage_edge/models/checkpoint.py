@@ -76,7 +76,12 @@ def torch_load_safe(path: Path) -> Any:
     """torch.load with weights_only=True; only argparse.Namespace is allow-listed extra."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mmap: a 1.3 GB Large file (+ optimizer state) is not read into memory twice
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc) and "zip" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to unpickle: it contains objects other than tensors and plain "
@@ -95,7 +100,8 @@ def _load_safetensors(path: Path) -> StateDict:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") from None
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {exc}") \
+            from None
 
 
 def _read_json(path: Path) -> dict:
@@ -128,13 +134,15 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
         cfg = _read_json(cfg_path) if cfg_path.is_file() else None
         kind = _config_kind(cfg) if cfg is not None else None
         if path.is_dir() and kind is None:
-            raise CheckpointError(f"{path}: not a checkpoint folder (need config.json of mirage-edge or of the "
-                                  "official Hugging Face release, and model.safetensors)")
+            raise CheckpointError(f"{path}: not a checkpoint folder (need config.json of mirage-edge or "
+                                  "of the official Hugging Face release, and model.safetensors)")
         return RawCheckpoint(kind or "state_dict", _load_safetensors(weights), path, config=cfg)
     obj = torch_load_safe(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         args = obj.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else (dict(args) if isinstance(args, Mapping) else None)
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        args = dict(args) if isinstance(args, Mapping) else None
         return RawCheckpoint("official_pth", dict(obj["model"]), path, args=args)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -171,19 +179,22 @@ def infer_mirage_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] 
     elif dim in HEADS_BY_DIM:
         heads = HEADS_BY_DIM[dim]
     else:
-        raise CheckpointError(f"{source}: encoder width {dim} is neither Base (768) nor Large (1024); the head "
-                              "count cannot be read from tensor shapes - pass config=<json with num_heads ...>")
+        raise CheckpointError(f"{source}: encoder width {dim} is neither Base (768) nor Large (1024); the "
+                              "head count cannot be read from tensor shapes - pass config=<json with "
+                              "num_heads ...>")
     fc1 = sd["encoder.0.mlp.fc1.weight"]
     in_domains = [m for m in MODALITIES if f"input_adapters.{m}.proj.weight" in sd]
     out_domains = [m for m in MODALITIES if f"output_adapters.{m}.out_proj.weight" in sd]
     unknown = sorted({k.split(".")[1] for k in sd if k.startswith(("input_adapters.", "output_adapters."))}
                      - set(MODALITIES))
     if unknown:
-        raise CheckpointError(f"{source}: unknown modality adapters {unknown} (MIRAGE has {list(MODALITIES)})")
+        raise CheckpointError(f"{source}: unknown modality adapters {unknown} "
+                              f"(MIRAGE has {list(MODALITIES)})")
     patch, grid = {}, {}
     for m in in_domains:
         patch[m] = list(sd[f"input_adapters.{m}.proj.weight"].shape[-2:])
-        grid[m] = list(sd[f"input_adapters.{m}.pos_emb"].shape[-2:]) if f"input_adapters.{m}.pos_emb" in sd else None
+        table = sd.get(f"input_adapters.{m}.pos_emb")
+        grid[m] = list(table.shape[-2:]) if table is not None else None
     fields: dict[str, Any] = dict(
         dim_tokens=dim, depth=depth, num_heads=heads, mlp_ratio=fc1.shape[0] / dim,
         qkv_bias="encoder.0.attn.qkv.bias" in sd, num_global_tokens=int(g.shape[1]),
@@ -238,7 +249,8 @@ def infer_mirage_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] 
         raise CheckpointError(f"{source}: inconsistent architecture: {exc}") from None
 
 
-def hint_value_differs(hint: MirageConfig, name: str, value: Any, in_domains: list, out_domains: list) -> bool:
+def hint_value_differs(hint: MirageConfig, name: str, value: Any, in_domains: list,
+                       out_domains: list) -> bool:
     if name.startswith("semseg") and LAYERMAP not in in_domains:
         return False
     if name.startswith("decoder") and not out_domains:
@@ -252,7 +264,8 @@ def _pos_mode(model: nn.Module, key: str) -> str:
     return getattr(owner, "pos_mode", "bilinear")
 
 
-def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor],
+                           source: str = "checkpoint") -> None:
     """Load `sd` into `model` strictly; positional tables of another grid are resized first.
 
     Fixed ``*.pos_emb`` tables whose grid differs from the model's are resized explicitly
@@ -294,7 +307,8 @@ def _apply_overrides(cfg: MirageConfig, overrides: Mapping[str, Any]) -> MirageC
     fields = {f.name for f in dataclasses.fields(MirageConfig)}
     bad = [k for k in overrides if k not in fields]
     if bad:
-        raise ConfigError(f"unknown MIRAGE option(s) {bad} (allowed: input_size, {', '.join(sorted(fields))})")
+        raise ConfigError(f"unknown MIRAGE option(s) {bad} "
+                          f"(allowed: input_size, {', '.join(sorted(fields))})")
     try:
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides, grid_size=None)
@@ -318,7 +332,8 @@ def _drop_unused(sd: StateDict, cfg: MirageConfig) -> StateDict:
 
 
 def build_mirage_from_state_dict(sd: StateDict, args: Mapping | None, hint: MirageConfig | None,
-                                 overrides: Mapping[str, Any], source: str, device: str | torch.device = "cpu"):
+                                 overrides: Mapping[str, Any], source: str,
+                                 device: str | torch.device = "cpu") -> nn.Module:
     from mirage_edge.models.mirage import MIRAGE
 
     cfg = infer_mirage_config(sd, args, hint, source)
@@ -361,7 +376,8 @@ def model_from_raw(raw: RawCheckpoint, config: MirageConfig | Mapping | str | Pa
         model = build_mirage_from_state_dict(sd, None, hint, overrides, source, device)
     else:
         args = raw.args if raw.format == "official_pth" else None
-        model = build_mirage_from_state_dict(remap_official_pth(raw.state_dict), args, hint, overrides, source, device)
+        sd = remap_official_pth(raw.state_dict)
+        model = build_mirage_from_state_dict(sd, args, hint, overrides, source, device)
     model.mirage_edge_source = {"path": source, "format": raw.format}
     return model
 
@@ -374,8 +390,8 @@ def _encoder_spec(encoder: nn.Module) -> dict:
         return {"type": "mirage", "architecture": encoder.cfg.to_dict()}
     spec = getattr(encoder, "mirage_edge_spec", None)
     if spec is None:
-        raise CheckpointError(f"cannot save encoder {type(encoder).__name__}: build it with create_model() so it "
-                              "carries `mirage_edge_spec` (registry name + kwargs)")
+        raise CheckpointError(f"cannot save encoder {type(encoder).__name__}: build it with create_model() "
+                              "so it carries `mirage_edge_spec` (registry name + kwargs)")
     return {"type": "registry", "name": spec["name"], "kwargs": dict(spec.get("kwargs", {}))}
 
 
@@ -423,8 +439,8 @@ def _load_ours(raw: RawCheckpoint, overrides: Mapping[str, Any]) -> nn.Module:
     cfg = raw.config or {}
     source = str(raw.path)
     if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{source}: format_version {cfg['format_version']} is newer than this mirage-edge "
-                              f"understands ({FORMAT_VERSION}); upgrade mirage-edge")
+        raise CheckpointError(f"{source}: format_version {cfg['format_version']} is newer than this "
+                              f"mirage-edge understands ({FORMAT_VERSION}); upgrade mirage-edge")
     try:
         encoder = _build_encoder(cfg["encoder"], overrides, source)
         kind = cfg.get("kind", "encoder")

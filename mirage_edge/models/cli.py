@@ -35,8 +35,9 @@ def describe(model, name: str) -> dict:
         cfg = enc.cfg
         main = enc.default_modality
         # "encoder" = what a B-scan task runs: global token + the B-scan adapter + the blocks.
-        enc_keys = [k for k in params if k.startswith(("encoder.", "global_tokens", f"input_adapters.{main}."))
-                    or k.startswith(("encoder.encoder.", "encoder.global_tokens", f"encoder.input_adapters.{main}."))]
+        pre = "" if model is enc else "encoder."
+        starts = (f"{pre}encoder.", f"{pre}global_tokens", f"{pre}input_adapters.{main}.")
+        enc_keys = [k for k in params if k.startswith(starts)]
         side = [k for k in params if "output_adapters." not in k and not k.startswith("head.")]
         info.update(
             architecture={k: v for k, v in cfg.to_dict().items() if k not in ("grid_size",)},
@@ -45,7 +46,8 @@ def describe(model, name: str) -> dict:
             token_grid=list(enc.token_grid(*enc.input_size)),
             params_encoder=sum(params[k].numel() for k in enc_keys),
             params_encoder_all_adapters=sum(params[k].numel() for k in side),
-            fixed_pos_table_elements=sum(b.numel() for n, b in model.named_buffers() if n.endswith("pos_emb")),
+            fixed_pos_table_elements=sum(b.numel() for n, b in model.named_buffers()
+                                         if n.endswith("pos_emb")),
         )
         h, w = enc.input_size
     else:
@@ -93,12 +95,14 @@ def _weights_place(name: str) -> str:
 
 @click.command("info")
 @click.argument("model")
-@click.option("--checkpoint", type=click.Path(), default=None, help="Describe this checkpoint instead of a size.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Describe this checkpoint instead of a size.")
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON architecture (head counts) for checkpoints of non-official sizes.")
 @click.option("--input-size", default=None, help="N or HxW: describe the model built for this image size.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def info_cmd(model: str, checkpoint: str | None, config: str | None, input_size: str | None, as_json: bool) -> None:
+def info_cmd(model: str, checkpoint: str | None, config: str | None, input_size: str | None,
+             as_json: bool) -> None:
     """Architecture, parameter counts, FLOPs, modalities and weights location of MODEL.
 
     MODEL is a registered name (mirage-tiny, mirage-base, mirage-large, students) or "mirage"
@@ -133,13 +137,21 @@ def info_cmd(model: str, checkpoint: str | None, config: str | None, input_size:
         click.echo(f"token grid     {data['token_grid'][0]}x{data['token_grid'][1]} per modality")
         dec = data["decoders"]
         click.echo(f"decoders       {', '.join(dec) if dec else 'none'}"
-                   + (f" (dim {a['decoder_dim']}, depth {a['decoder_depth']}, heads {a['decoder_num_heads']})" if dec else ""))
-    click.echo(f"params         encoder {data['params_encoder'] / 1e6:.1f}M (B-scan path: blocks + adapter + global)")
-    if "params_encoder_all_adapters" in data:
-        click.echo(f"               encoder + all input adapters {data['params_encoder_all_adapters'] / 1e6:.1f}M")
-    click.echo(f"               total {data['params_total'] / 1e6:.1f}M (trainable tensors; fixed pos tables excluded)")
+                   + (f" (dim {a['decoder_dim']}, depth {a['decoder_depth']}, "
+                      f"heads {a['decoder_num_heads']})" if dec else ""))
+    mirage = "params_encoder_all_adapters" in data
+    note = " (B-scan path: blocks + adapter + global token)" if mirage else ""
+    click.echo(f"params         encoder {data['params_encoder'] / 1e6:.1f}M{note}")
+    if mirage:
+        n_all = data["params_encoder_all_adapters"] / 1e6
+        click.echo(f"               encoder + all input adapters {n_all:.1f}M")
+    click.echo(f"               total {data['params_total'] / 1e6:.1f}M (trainable tensors; fixed pos tables "
+               "excluded)")
     h, w = data["flops_input"][2:]
-    click.echo(f"FLOPs          {data['flops_per_image'] / 1e9:.2f} GFLOPs per {h}x{w} B-scan (encoder, FlopCounterMode)")
+    what = "encoder" if data["class"] != "SegmentationModel" and data["class"] != "ClassificationModel" \
+        else "encoder + head"
+    click.echo(f"FLOPs          {data['flops_per_image'] / 1e9:.2f} GFLOPs per {h}x{w} B-scan ({what}, "
+               "FlopCounterMode)")
     click.echo(f"weights        {data['weights']}")
 
 
@@ -150,7 +162,8 @@ def info_cmd(model: str, checkpoint: str | None, config: str | None, input_size:
               help="JSON architecture (head counts) for checkpoints of non-official sizes.")
 @click.option("--input-size", default=None, help="N or HxW: resize positional tables for this image size.")
 @click.option("--no-decoders", is_flag=True, help="Drop the reconstruction decoders (encoder only).")
-def convert_cmd(src: str, out_dir: str, config: str | None, input_size: str | None, no_decoders: bool) -> None:
+def convert_cmd(src: str, out_dir: str, config: str | None, input_size: str | None,
+                no_decoders: bool) -> None:
     """Convert an official MIRAGE checkpoint (.pth or HF folder) to our format (OUT_DIR)."""
     from mirage_edge.models.checkpoint import convert
 

@@ -119,12 +119,15 @@ class MirageConfig:
         (h, w), (ph, pw) = self.input_size[modality], self.patch_size[modality]
         return h // ph, w // pw
 
-    def with_input_size(self, size: int | tuple[int, int] | list[int]) -> "MirageConfig":
-        """Same network for image inputs of `size` (int or (H, W)).
+    def with_input_size(self, size: int | tuple[int, int] | list[int] | Mapping[str, Any]) -> "MirageConfig":
+        """Same network for image inputs of `size` (int, (H, W), or a dict modality -> [H, W]).
 
         The layer map keeps the image token grid (its size = grid x its patch), as the official
         wrapper does. Positional tables keep their generation grid (`pos_grid`) and get resized.
         """
+        if isinstance(size, Mapping):  # explicit per-modality sizes
+            merged = {**self.input_size, **{k: list(_pair(v)) for k, v in size.items()}}
+            return dataclasses.replace(self, input_size=merged, grid_size=None)
         h, w = _pair(size)
         sizes = dict(self.input_size)
         ref_patch = self.patch_size.get("bscan") or self.patch_size.get("slo")

@@ -24,7 +24,8 @@ class SpatialOutputAdapter(nn.Module):
                  pos_grid: tuple[int, int], patch: tuple[int, int], num_channels: int,
                  num_global_tokens: int) -> None:
         super().__init__()
-        self.target, self.grid, self.patch, self.num_channels = target, tuple(grid), tuple(patch), num_channels
+        self.target, self.grid, self.patch = target, tuple(grid), tuple(patch)
+        self.num_channels = num_channels
         self.num_global_tokens = num_global_tokens
         # Registration order mirrors the official state dict (only cosmetic: loading is by name).
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

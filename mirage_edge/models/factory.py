@@ -42,7 +42,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
         return model
     fn = get_model_fn(name)
     if config is not None:
-        raise ConfigError(f"config= is only for create_model('mirage', ...); for {name!r} pass options as keywords")
+        raise ConfigError(f"config= is only for create_model('mirage', ...); for {name!r} pass options "
+                          "as keywords")
     model = fn(pretrained=pretrained, **overrides)
     if getattr(model, "mirage_edge_spec", None) is None:
         try:

@@ -60,7 +60,8 @@ class ConvNeXtSegHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int],
+                image_size: tuple[int, int]) -> torch.Tensor:
         b = tokens.shape[0]
         gh, gw = grid
         s, c = self.side, self.class_dim
@@ -98,7 +99,8 @@ class ClsHead(nn.Module):
         elif self.pool == "cls":
             feat = self.norm(global_tokens).mean(dim=1)
         else:
-            feat = torch.cat([self.norm(patch_tokens).mean(dim=1), self.norm(global_tokens).mean(dim=1)], dim=-1)
+            feat = torch.cat([self.norm(patch_tokens).mean(dim=1), self.norm(global_tokens).mean(dim=1)],
+                             dim=-1)
         return self.fc(feat)
 
 

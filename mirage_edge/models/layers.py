@@ -77,9 +77,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(context).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(
-            split_heads(self.q(x), self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
-        )
+        h = self.num_heads
+        out = F.scaled_dot_product_attention(split_heads(self.q(x), h), split_heads(k, h), split_heads(v, h))
         return self.proj(merge_heads(out))
 
 

@@ -181,7 +181,7 @@ class MIRAGE(nn.Module):
         return self.forward_features(inputs)
 
     def forward_intermediates(self, inputs: Inputs, indices: int | Sequence[int] = 1) -> list[torch.Tensor]:
-        """Outputs of the chosen blocks (each B x N x D), in block order.
+        """Outputs of the chosen blocks (each B x N x D), in the order of `indices`.
 
         `indices`: an int n (the last n blocks) or block indices (negative counts from the end).
         """
@@ -202,7 +202,7 @@ class MIRAGE(nn.Module):
                 outs[i] = x
             if i >= max(wanted):
                 break
-        return [outs[i] for i in sorted(keep)]
+        return [outs[i] for i in wanted]
 
     # ----------------------------------------------------------------- masked (pretraining) forward
     def _layout(self, given: list[str]) -> Layout:
@@ -241,7 +241,8 @@ class MIRAGE(nn.Module):
                 if m not in counts:
                     raise InputError(f"task mask for unknown modality {m!r}; model has {self.modalities}")
                 if tuple(mk.shape) != (b, counts[m]):
-                    raise InputError(f"task mask {m!r} must be B x N = {b} x {counts[m]}, got {tuple(mk.shape)}")
+                    raise InputError(f"task mask {m!r} must be B x N = {b} x {counts[m]}, "
+                                     f"got {tuple(mk.shape)}")
                 masks[m] = mk.to(device=device, dtype=torch.long)
         for m, _, _ in layout:
             if m not in masks:
@@ -254,12 +255,15 @@ class MIRAGE(nn.Module):
         if bool((visible != visible[0]).any()) or int(visible[0]) == 0:
             # The official code takes one count over the whole batch and silently encodes masked
             # tokens for some samples; we refuse instead.
-            raise InputError(f"every sample needs the same, non-zero number of visible tokens; got {visible.tolist()}")
+            raise InputError("every sample needs the same, non-zero number of visible tokens; "
+                             f"got {visible.tolist()}")
         k = int(visible[0])
         # Stable sort: visible tokens first in sequence order (the canonical order).
         ids_keep = torch.argsort(mask_all, dim=1, stable=True)[:, :k]
         d = self.embed_dim
-        full = torch.cat([embedded[m] if m in embedded else torch.zeros(b, counts[m], d, device=device)
+        dtype = next(iter(embedded.values())).dtype
+        full = torch.cat([embedded[m] if m in embedded
+                          else torch.zeros(b, counts[m], d, device=device, dtype=dtype)
                           for m, _, _ in layout], dim=1)
         x = torch.gather(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
         x = torch.cat([x, self.global_tokens.expand(b, -1, -1)], dim=1)
@@ -269,7 +273,8 @@ class MIRAGE(nn.Module):
 
     def forward_masked(self, inputs: Inputs, task_masks: Mapping[str, torch.Tensor] | None = None,
                        num_encoded_tokens: int | None = None, alphas: float | Sequence[float] = 1.0,
-                       generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                       generator: torch.Generator | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Pretraining forward: (predictions modality -> B x C x H x W, masks modality -> B x N_m).
 
         Predictions are raw intensities (bscan, slo) and raw 13-class logits (layer map), one per

@@ -37,7 +37,8 @@ class _TaskModel(nn.Module):
         super().__init__()
         for attr in ("embed_dim", "num_global_tokens", "token_grid", "forward_features"):
             if not hasattr(encoder, attr):
-                raise ConfigError(f"encoder {type(encoder).__name__} lacks {attr!r} (see mirage_edge.models.task)")
+                raise ConfigError(f"encoder {type(encoder).__name__} lacks {attr!r} "
+                                  "(see the protocol in mirage_edge.models.task)")
         self.encoder = encoder
         self.head = head
 

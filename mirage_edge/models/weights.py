@@ -52,16 +52,17 @@ def resolve_weights(spec: str | Path, download: bool = True) -> Path:
     if s.startswith("hf:"):
         folder = Path(s[3:]).expanduser()
         if not (folder / "model.safetensors").is_file():
-            raise WeightsNotFoundError(f"{s}: no model.safetensors in {folder} (expected a local Hugging Face "
-                                       "snapshot folder with config.json + model.safetensors)")
+            raise WeightsNotFoundError(f"{s}: no model.safetensors in {folder} (expected a local Hugging "
+                                       "Face snapshot folder with config.json + model.safetensors)")
         return folder
     path = Path(s).expanduser()
     if path.exists():
         return path
     cfg = PRETRAINED_CFGS.get(s)
     if cfg is None:
+        released = ", ".join(sorted(k for k, c in PRETRAINED_CFGS.items() if c.url))
         raise WeightsNotFoundError(f"weights {s!r} not found: not a file or folder, and not a model with "
-                                   f"released weights ({', '.join(sorted(k for k, c in PRETRAINED_CFGS.items() if c.url))})")
+                                   f"released weights ({released})")
     for cand in candidates(cfg):
         if cand.is_file() or (cand.is_dir() and (cand / "model.safetensors").is_file()):
             return cand

@@ -182,7 +182,7 @@ def _cudart() -> Any:
 
 def _check(err: Any, what: str) -> None:
     code = err[0] if isinstance(err, tuple) else err
-    if int(code) != 0:
+    if int(getattr(code, "value", code)) != 0:  # cudaError_t enum; 0 = cudaSuccess
         raise MirageEdgeError(f"CUDA call {what} failed: {code}")
 
 

@@ -214,28 +214,24 @@ def evaluate_cls(model: nn.Module, dataset: Any, batch_size: int, num_workers: i
 
 def evaluate_seg(model: nn.Module, dataset: Any, batch_size: int, num_workers: int = 0,
                  hd95: bool = True) -> dict[str, float]:
-    """Per-volume segmentation metrics (mirage_edge.metrics, background excluded) on `dataset`;
-    predictions are resized (nearest) to each ground truth's size as §13 does."""
-    from mirage_edge.data import resize_mask
+    """Per-volume segmentation metrics (mirage_edge.metrics) on `dataset`: background-like and
+    invalid classes are not scored, predictions are compared at each ground truth's own size (§13).
+    Returns dice / iou / hd95 means plus `dice/<class>` per scored class."""
     from mirage_edge.metrics import segmentation_metrics
 
     preds = predict(model, dataset, batch_size, num_workers)
     order = sorted(preds)
-    pred_masks, true_masks = [], []
-    for i in order:
-        gt = dataset.read_mask(i)
-        pm = preds[i].astype(np.int64)
-        if pm.shape != gt.shape:
-            pm = resize_mask(pm, gt.shape)
-        pred_masks.append(pm)
-        true_masks.append(gt)
+    pred_masks = [preds[i] for i in order]
+    true_masks = [dataset.read_mask(i) for i in order]
     vols = [dataset.volume_ids[i] for i in order]
-    kwargs = {} if hd95 else {"hd95": False}
-    try:
-        metrics = segmentation_metrics(pred_masks, true_masks, vols, dataset.info, **kwargs)
-    except TypeError:
-        metrics = segmentation_metrics(pred_masks, true_masks, vols, dataset.info)
-    return _flat(metrics)
+    res = segmentation_metrics(pred_masks, true_masks, vols, list(dataset.classes), ignore=None,
+                               invalid=dataset.info.indices("invalid"), compute_hd95=hd95)
+    out = _flat(res)
+    if not hd95:
+        out.pop("hd95", None)
+    for name, row in res.get("per_class", {}).items():
+        out[f"dice/{name}"] = float(row["dice"])
+    return out
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:

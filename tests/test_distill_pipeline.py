@@ -1,0 +1,133 @@
+"""distill() end to end on tiny synthetic data: stages, QAT + Q/DQ ONNX in ONNX Runtime, resume, CLI, recipes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mirage_edge.distill.recipe import RECIPES_DIR, load_recipe
+from mirage_edge.errors import CheckpointError, ConfigError
+
+torch.set_num_threads(2)
+FAST = ["stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=4", "stage2.batch_size=4", "qat.epochs=1",
+        "qat.batch_size=4", "qat.subset_size=4", "data.image_size=64", "run.progress=false", "run.log_every=1",
+        "run.eval_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def seg_setup(tmp_path_factory):
+    """A synthetic layers set (64 px) and a 'fine-tuned' (random) mirage-tiny segmentation teacher."""
+    from mirage_edge.data.synth import synthesize
+    from mirage_edge.models import create_model, save_model
+    from mirage_edge.models.task import segmentation_model
+
+    root = tmp_path_factory.mktemp("distill")
+    data = synthesize(root / "layers", "layers", 12, seed=0, size=64)
+    torch.manual_seed(0)
+    enc = create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan"], out_domains=[])
+    save_model(segmentation_model(enc, 9, class_dim=16, depth=1), root / "teacher")
+    return root, data, root / "teacher"
+
+
+def _recipe(root: Path, data: Path, teacher: Path, out: str, *extra: str):
+    return load_recipe("tiny-demo", [f"data.path={json.dumps(str(data))}", f"teacher.model={json.dumps(str(teacher))}",
+                                     f"cache.dir={json.dumps(str(root / 'cache'))}",
+                                     f"out={json.dumps(str(root / out))}", *FAST, *extra])
+
+
+def test_seg_distill_qat_end_to_end_and_resume(seg_setup):
+    import onnx
+
+    from mirage_edge.distill import distill, load_student
+    from mirage_edge.distill.qat import ort_predict, ort_session
+    from mirage_edge.models import create_model
+
+    root, data, teacher = seg_setup
+    logs: list[str] = []
+    res = distill(_recipe(root, data, teacher, "run", "qat.enabled=true"), log=logs.append)
+    rep = res.report
+    assert set(rep["stages"]) == {"stage1", "stage2", "qat"}
+    assert rep["stages"]["stage1"]["cache"]["computed"] > 0
+    test = rep["test"]
+    assert test["metric"] == "dice" and 0 <= test["student_value"] <= 1 and 0 <= test["int8_value"] <= 1
+    assert "pred_dice_vs_teacher" in test["agreement_fp32"] and -1 <= test["feature_cosine"] <= 1
+    # the FP32 student is a normal checkpoint: create_model loads it; its head is the teacher's (drop-in)
+    fp32 = create_model("mirage", checkpoint=res.student_dir).eval()
+    assert type(fp32.encoder).__name__ == "ProjectedStudent"
+    meta = json.loads((res.student_dir / "config.json").read_text())["meta"]
+    assert len(meta["teacher"]["weights_sha256"]) == 64 and meta["preprocess"]["size"] == [64, 64]
+    # explicit Q/DQ graph, runnable in ONNX Runtime, matching the reloaded fake-quant model
+    graph = onnx.load(str(res.onnx_path))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "FakeQuantize" not in ops
+    qat = json.loads((res.int8_dir / "qat.json").read_text())["qat"]
+    assert qat["weights"].startswith("per-channel symmetric") and "ignored_types" in qat
+    q = load_student(res.int8_dir)
+    x = torch.rand(2, 1, 64, 64)
+    got = next(ort_predict(ort_session(res.onnx_path), [x]))
+    with torch.no_grad():
+        ref = q(x)
+    assert float((got - ref).abs().max()) < 1e-2 * float(ref.abs().max())
+    # an existing output folder needs --resume; resuming reuses the finished stages
+    with pytest.raises(ConfigError, match="not empty"):
+        distill(_recipe(root, data, teacher, "run", "qat.enabled=true"), log=logs.append)
+    logs.clear()
+    res2 = distill(_recipe(root, data, teacher, "run", "qat.enabled=true"), resume=True, log=logs.append)
+    assert any("stage1: finished earlier" in m for m in logs) and any("qat: finished earlier" in m for m in logs)
+    assert res2.report["test"]["student_value"] == pytest.approx(test["student_value"])
+    with pytest.raises(CheckpointError, match="recipe differs"):
+        distill(_recipe(root, data, teacher, "run", "qat.enabled=true", "stage1.lr=0.1"), resume=True)
+
+
+def test_new_head_mode_and_intermediate_layers(seg_setup):
+    from mirage_edge.distill import distill
+
+    root, data, teacher = seg_setup
+    res = distill(_recipe(root, data, teacher, "run_newhead", "stage2.mode=\"new_head\"", "teacher.layers=[0]",
+                          "student.layer_map={\"0\" = 3}"), log=lambda m: None)
+    assert "l0" in res.report["stages"]["stage1"]["history"][0] or res.report["stages"]["stage1"]["steps"] > 0
+    from mirage_edge.models import create_model
+
+    m = create_model("mirage", checkpoint=res.student_dir)
+    assert type(m.encoder).__name__ == "StudentEncoder"  # fresh head directly on student features
+    with pytest.raises(ConfigError, match="layer_map"):
+        distill(_recipe(root, data, teacher, "run_bad", "student.layer_map={\"0\" = 3}"), log=lambda m: None)
+
+
+def test_cli_with_official_fixture_teacher(mirage_ref, seg_setup):
+    """`mirage-edge distill --teacher PATH` with the official-format .pth (tiny, patch 8 at 64 px)."""
+    from click.testing import CliRunner
+
+    from mirage_edge.cli import cli
+
+    root, data, _ = seg_setup
+    out = root / "fx"
+    args = ["distill", "--teacher", str(mirage_ref / "tiny_official.pth"), "--teacher-config",
+            str(mirage_ref / "tiny_config.json"), "--student", "student-tiny", "--data", str(data), "--task", "none",
+            "--image-size", "64", "--out", str(out), "--recipe", "tiny-demo", "--no-qat",
+            f"cache.dir={json.dumps(str(root / 'cache'))}", *FAST]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "feature cosine" in r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["teacher"]["grid"] == [8, 8]  # student stride-32 2x2 map resampled to the teacher's 8x8 grid
+    assert (out / "student" / "model.safetensors").is_file()
+    bad = CliRunner().invoke(cli, ["distill", "--recipe", "tiny-demo", "--teacher", "no/such/teacher",
+                                   "--data", str(data)])
+    assert bad.exit_code != 0 and "neither a registered model nor an existing path" in bad.output
+
+
+def test_curated_recipes_load_strictly():
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    assert {"tiny-demo", "mirage-large-mnv4-layers"} <= set(names)
+    for n in names:
+        r = load_recipe(n)
+        assert r.name == n
+    with pytest.raises(ConfigError, match="stage1.epoch"):
+        load_recipe("tiny-demo", ["stage1.epoch=3"])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_recipe("tiny-demo", ["data.image_size=100"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe("no-such-recipe")

@@ -1,0 +1,110 @@
+"""Students: timm backbones behind the encoder protocol, registry entries, task models, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mirage_edge.errors import ConfigError, InputError, ModelNotFoundError
+from mirage_edge.models import create_model, list_models
+from mirage_edge.models.students import ALIASES, STUDENTS, build_student
+
+torch.set_num_threads(2)
+SUPPORTED = ["mobilenetv4_conv_small", "vit_tiny_patch32", "repvit_m0_9", "mobileone_s0", "student-tiny"]
+
+
+def test_registered_under_timm_names_and_aliases():
+    names = set(list_models())
+    for n in SUPPORTED:
+        assert n in names
+    for alias in ALIASES:
+        assert alias in names
+    with pytest.raises(ModelNotFoundError, match="mobilenetv4_conv_small"):
+        create_model("mobilenetv4_conv_smal")
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_encoder_protocol_stride32(name):
+    m = create_model(name, img_size=64).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        tokens = m.forward_features(x)
+        fmap = m.forward_feature_map(x)
+        stages = m.forward_intermediates({"bscan": x}, [0, -1])
+    assert m.token_grid(64, 64) == (2, 2)
+    assert m.num_global_tokens == 0
+    assert tokens.shape == (2, 4, m.embed_dim)
+    assert fmap.shape == (2, m.embed_dim, 2, 2)
+    # tokens are the feature map in row-major order
+    torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2))
+    for out, idx in zip(stages, [0, -1]):
+        chs, stride = m.stage_info[idx]
+        assert out.shape == (2, chs, 64 // stride, 64 // stride)
+
+
+def test_vit_student_is_patch32_without_class_token():
+    m = build_student("vit_tiny_patch32", img_size=128)
+    assert m.body.patch_embed.patch_size == (32, 32)
+    assert getattr(m.body, "num_prefix_tokens", 0) == 0
+    assert m.forward_features(torch.rand(1, 1, 128, 128)).shape == (1, 16, 192)
+
+
+def test_no_pretrained_download_and_bad_input():
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        create_model("student-tiny", pretrained=True)
+    with pytest.raises(ConfigError, match="unknown student"):
+        build_student("resnet50")
+    m = build_student("student-tiny", img_size=64)
+    with pytest.raises(InputError, match="B x 1 x H x W"):
+        m.forward_features(torch.rand(1, 3, 64, 64))
+    with pytest.raises(InputError, match="B-scan only"):
+        m.forward_features({"slo": torch.rand(1, 1, 64, 64)})
+
+
+@pytest.mark.parametrize("name", ["mobileone_s0", "repvit_m0_9"])
+def test_reparameterize_keeps_outputs(name):
+    m = build_student(name, img_size=64).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        ref = m.forward_features(x)
+        m.reparameterize()
+        got = m.forward_features(x)
+    assert m.cfg.reparameterized and m.mirage_edge_spec["kwargs"]["reparameterized"]
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_students_slot_into_task_models_and_round_trip(tmp_path):
+    from mirage_edge.models import save_model
+    from mirage_edge.models.task import classification_model, segmentation_model
+
+    enc = create_model("student-tiny", img_size=64)
+    seg = segmentation_model(enc, 5, class_dim=16, depth=1).eval()
+    x = torch.rand(2, 1, 64, 64)
+    assert seg(x).shape == (2, 5, 64, 64)
+    cls = classification_model(create_model("student-tiny", img_size=64), 3).eval()
+    assert cls(x).shape == (2, 3)
+    save_model(seg, tmp_path / "seg")
+    back = create_model("mirage", checkpoint=tmp_path / "seg").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), seg(x))
+
+
+def test_projected_student_round_trip(tmp_path):
+    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models import save_model
+
+    proj = ProjectedStudent(build_student("student-tiny", img_size=64), teacher_dim=48, teacher_grid=(8, 8),
+                            num_global_tokens=1, layer_map={1: 2}).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        tokens, inter = proj.forward_distill(x)
+    assert tokens.shape == (2, 65, 48) and inter[1].shape == (2, 64, 48)
+    assert proj.token_grid(64, 64) == (8, 8)
+    save_model(proj, tmp_path / "p")
+    back = create_model("mirage", checkpoint=tmp_path / "p").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x), tokens)
+
+
+def test_student_table_has_cpu_evidence():
+    for name, (_, _, desc) in STUDENTS.items():
+        assert desc, name
