@@ -94,9 +94,9 @@ def test_bench_cli(tmp_path):
         "--set", "timing.warmup=1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     recs = read_records(out / "records.csv")
-    by = {r.model: r for r in recs if r.model in ("onnx-fp32", "b")}
-    assert by["onnx-fp32"].status == "ok" and by["onnx-fp32"].dice is not None
-    assert by["b"].status == "error" and "checksum mismatch" in by["b"].error
+    by = {r.model: r for r in recs if r.model in ("a/onnx-fp32", f"{tmp_path.name}/b")}
+    assert by["a/onnx-fp32"].status == "ok" and by["a/onnx-fp32"].dice is not None
+    assert by[f"{tmp_path.name}/b"].status == "error" and "checksum mismatch" in by[f"{tmp_path.name}/b"].error
     assert any(r.model == "teacher" and r.status == "error" for r in recs)  # no demo output under --root
     assert "report:" in result.output and (out / "report.md").is_file()
 

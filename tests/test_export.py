@@ -220,3 +220,20 @@ def test_export_cli_from_checkpoint(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mirage_edge.cli", "export", str(ckpt), "--target", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "export target not found" in res.stderr
+
+
+def test_onnx_int8_with_nncf_and_ignored_scope(tmp_path):
+    pytest.importorskip("nncf")
+    from mirage_edge.export import export_model
+
+    t = target(formats=["onnx"], precisions=["int8"], quantization={"method": "nncf", "calib_images": 8},
+               validation={"n_inputs": 4})
+    (d,) = export_model(tiny_cnn(), tmp_path / "nncf", t)
+    q = load_verified_meta(d).quantization
+    assert q.method == "nncf-ptq" and q.model_type == "default" and q.quantized_ops.get("Conv", 0) >= 2
+    # ORT recipe with the head kept in float by a node-name pattern
+    t = target(formats=["onnx"], precisions=["int8"],
+               quantization={"calib_images": 8, "ignored_patterns": ["(?i)gemm|linear|head"]}, validation={"n_inputs": 4})
+    (d,) = export_model(tiny_cnn(), tmp_path / "ort", t)
+    q = load_verified_meta(d).quantization
+    assert "Gemm" not in q.quantized_ops and q.float_ops.get("Gemm", 0) + q.float_ops.get("MatMul", 0) >= 1

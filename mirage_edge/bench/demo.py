@@ -106,12 +106,17 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
         for sub in ("data", "teacher", "distill", "export", "bench", "cache"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    # the plan a folder was made with: reusing stages made with other sizes would mix them silently
     stamp = out / "demo.json"
-    previous = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if previous and previous.get("plan") != dataclasses.asdict(plan):
-        raise MirageEdgeError(f"{out} holds a demo made with other settings ({'--fast' if previous['plan'].get('image_size') != plan.image_size else 'a different plan'}); "
-                              "use another --out or --force")
-    stamp.write_text(json.dumps({"plan": dataclasses.asdict(plan)}, indent=1))
+    wanted = json.loads(json.dumps(dataclasses.asdict(plan)))
+    previous = json.loads(stamp.read_text()).get("plan") if stamp.is_file() else None
+    if previous is not None and previous != wanted:
+        fast_then = previous.get("image_size") == DemoPlan.fast().image_size
+        raise MirageEdgeError(f"{out} holds a demo made with other settings ({'--fast' if fast_then else 'full'} "
+                              "plan); use another --out, or --force to redo it")
+    from mirage_edge._io import atomic_write_text
+
+    atomic_write_text(stamp, json.dumps({"plan": wanted}, indent=1))
     times: dict[str, float] = {}
 
     def stage(n: int, name: str, done: bool, where: Path, fn: Callable[[], Any]) -> None:

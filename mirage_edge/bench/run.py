@@ -77,7 +77,9 @@ def bench(suite: str | Path | BenchSuite, out_dir: str | Path | None = None, *, 
     elif overrides:
         suite = _config.load(BenchSuite, None, overrides, base=_config.to_dict(suite))
     extra = [ModelSpec(label=Path(p).name, checkpoint=str(p)) for p in checkpoints or []]
-    extra += [ModelSpec(label=Path(p).name, artifacts=[str(p)]) for p in artifacts or []]
+    # an artifact folder is named after its format-precision; its parent names the model
+    extra += [ModelSpec(label=f"{Path(p).resolve().parent.name}/{Path(p).name}", artifacts=[str(p)])
+              for p in artifacts or []]
     if extra:
         suite = dataclasses.replace(suite, models=[*suite.models, *extra])
         models = [*models, *(m.label for m in extra)] if models else None

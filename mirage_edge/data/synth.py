@@ -98,22 +98,22 @@ def _lesions(rng: np.random.Generator, disease: str, vol: R.VolumeParams, single
 
     fx = vol.fovea_x
     if disease == "drusen":
-        for _ in range(int(rng.integers(3, 8)) if single else int(rng.integers(2, 7))):
+        for _ in range(int(rng.integers(4, 9)) if single else int(rng.integers(2, 7))):
             s, rs = s_pos()
             out.append(R.Lesion("drusen", float(np.clip(fx + rng.normal(0, 0.18), 0.1, 0.9)), s,
-                                float(rng.uniform(0.02, 0.05)), rs,
-                                float(rng.uniform(0.018, 0.04) if single else rng.uniform(0.01, 0.03))))
+                                float(rng.uniform(0.025, 0.055)), rs,
+                                float(rng.uniform(0.022, 0.045) if single else rng.uniform(0.01, 0.03))))
     elif disease == "cnv":
         s, rs = s_pos()
         x = float(np.clip(fx + rng.normal(0, 0.06), 0.25, 0.75))
-        out.append(R.Lesion("ped", x, s, float(rng.uniform(0.08, 0.15)), rs, float(rng.uniform(0.035, 0.07)),
+        out.append(R.Lesion("ped", x, s, float(rng.uniform(0.09, 0.16)), rs, float(rng.uniform(0.045, 0.08)),
                             fibro=bool(rng.random() < 0.8)))
         out.append(R.Lesion("srf", float(np.clip(x + rng.normal(0, 0.08), 0.2, 0.8)), s,
                             float(rng.uniform(0.1, 0.2)), rs, float(rng.uniform(0.015, 0.04))))
         if rng.random() < 0.4:
             out += _cysts(rng, fx, 2, 5, single)
     elif disease == "dme":
-        out += _cysts(rng, fx, 4, 12, single) if single else _cysts(rng, fx, 8, 18, single)
+        out += _cysts(rng, fx, 6, 14, single) if single else _cysts(rng, fx, 8, 18, single)
         for _ in range(int(rng.integers(0, 6))):
             s, rs = s_pos()
             out.append(R.Lesion("exudate", float(np.clip(fx + rng.normal(0, 0.2), 0.05, 0.95)), s, 0.006, rs * 0.3,
@@ -146,7 +146,7 @@ def _cysts(rng: np.random.Generator, fx: float, lo: int, hi: int, single: bool) 
     out = []
     for _ in range(int(rng.integers(lo, hi + 1))):
         s, rs = (0.5, 1.0) if single else (float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.12, 0.3)))
-        h = float(rng.uniform(0.012, 0.04))
+        h = float(rng.uniform(0.02, 0.05) if single else rng.uniform(0.012, 0.04))
         out.append(R.Lesion("irf", float(np.clip(fx + rng.normal(0, 0.13), 0.08, 0.92)), s,
                             float(h * rng.uniform(0.7, 1.6)), rs, h, depth=float(rng.uniform(0.05, 0.5))))
     return out

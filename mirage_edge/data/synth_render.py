@@ -299,10 +299,13 @@ def render_bscan(rng: np.random.Generator, vol: VolumeParams, slice_idx: int, si
     # --- image formation --------------------------------------------------------------------------
     sig = np.power(10.0, db / 10.0, dtype=np.float32)
     sig = cv2.GaussianBlur(sig, (0, 0), sigmaX=style.psf[1] * px, sigmaY=style.psf[0] * px)
-    sp = rng.standard_gamma(style.looks, size=(H, W), dtype=np.float32) / style.looks
+    # A pixel of a smaller image covers more speckle grains: average them (as down-sampling would).
+    looks = style.looks * max(1.0, 512.0 / H)
+    sp = rng.standard_gamma(looks, size=(H, W), dtype=np.float32) / looks
     sp = cv2.GaussianBlur(sp, (0, 0), sigmaX=style.speckle_px * 1.3, sigmaY=style.speckle_px)
     sp /= sp.mean()
-    noise = rng.standard_exponential(size=(H, W), dtype=np.float32)
+    noise_looks = max(1.0, 512.0 / H)
+    noise = rng.standard_gamma(noise_looks, size=(H, W), dtype=np.float32) / noise_looks
     noise = cv2.GaussianBlur(noise, (0, 0), sigmaX=style.speckle_px * 1.3, sigmaY=style.speckle_px)
     inten = sig * sp + noise
     disp = (10.0 * np.log10(inten + 1e-6) - style.floor_db) / style.dynamic_db

@@ -67,8 +67,8 @@ class DistillSamples(Dataset):
                 raise DataError(f"{index.root}: the teacher needs modality {m!r} but split {split!r} has no "
                                 f"'{m}/' images (available: {list(index.modalities)})")
         self.task = index.task
-        self.labels = labels and self.task in ("segmentation", "classification") or (
-            labels and any(s.mask is not None for s in self.samples))
+        has_labels = self.task in ("segmentation", "classification") or any(s.mask is not None for s in self.samples)
+        self.labels = bool(labels) and has_labels
         self.lut = index.info.lut() if index.info is not None else None
         self.views = int(views)
         self.augment = augment

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -41,7 +40,7 @@ from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
 from mirage_edge.distill.losses import feature_loss, task_kd_loss
 from mirage_edge.distill.projector import ProjectedStudent
-from mirage_edge.distill.recipe import DistillRecipe, TaskLossConfig
+from mirage_edge.distill.recipe import DistillRecipe
 from mirage_edge.distill.student_io import save_student
 from mirage_edge.distill.teacher import Teacher, load_teacher
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
@@ -336,8 +335,9 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
+    """Paths, numpy scalars and other non-JSON leaves of the report become strings / numbers."""
+    if hasattr(o, "item"):
+        return o.item()
     return str(o)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -102,7 +103,10 @@ def export_qdq_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, o
     path = Path(path)
     model = model.eval()
     dyn = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
-    with qdq_export_mode(model), atomic_path(path) as tmp, torch.no_grad():
+    with qdq_export_mode(model), atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # NNCF quantizers read their level counts with .item(): harmless tracer warnings, constants by design
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
             torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=[input_name], output_names=[output_name], dynamic_axes=dyn)

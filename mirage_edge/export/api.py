@@ -298,11 +298,20 @@ def _meta(plan: ExportPlan, target: ExportTarget, fmt: str, prec: str, files: li
         task=plan.task, format=fmt, precision=prec, files=files, inputs=inputs, outputs=outputs,  # type: ignore[arg-type]
         name=name or target.name, classes=list(plan.classes), modalities=list(plan.modalities),
         preprocessing={m: specs[m].to_dict() for m in plan.modalities}, quantization=qinfo,
-        source=source or SourceInfo(model_name=type(plan.wrapper.model).__name__), parity=numbers,
+        source=source or _default_source(plan.wrapper.model), parity=numbers,
         runtime=hints, build=build, export_target=target.to_dict(), versions=_versions(),
         mirage_edge_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     )
+
+
+def _default_source(model: Any) -> SourceInfo:
+    """What the model says about itself (registry name, checkpoint path set by load_model)."""
+    spec = getattr(model, "mirage_edge_spec", None) or getattr(getattr(model, "encoder", None), "mirage_edge_spec", None)
+    name = spec.get("name") if isinstance(spec, dict) else None
+    src = getattr(model, "mirage_edge_source", None)
+    path = src.get("path", "") if isinstance(src, dict) else ""
+    return SourceInfo(model_name=str(name or type(model).__name__), checkpoint=str(path))
 
 
 def _embed(fmt: str, stage: Path, files: list[str], meta: ArtifactMeta, work: Path) -> None:
