@@ -137,3 +137,25 @@ def test_missing_backend_missing_artifact_and_missing_dataset(tmp_path):
     skipped = rows[("-", "absent")]
     assert skipped.status == "skipped" and "dataset folder not found" in skipped.error
     assert ("teacher", "absent") not in rows  # a trained model is not run against a task that is not there
+
+
+def test_an_onnx_artifact_runs_on_each_listed_runtime_and_filters_apply(tmp_path):
+    make_onnx_artifact(tmp_path / "export" / "m" / "onnx-fp32")
+    suite = _suite(tmp_path, [
+        {"label": "teacher", "role": "teacher", "factory": "test_bench_toys:teacher_seg"},
+        {"label": "both", "artifacts": ["{root}/export/m/*"], "backends": ["onnxruntime", "openvino"]},
+        {"label": "auto", "artifacts": ["{root}/export/m/*"]},
+        {"label": "student", "role": "student", "factory": "test_bench_toys:student_seg"},
+    ])
+    recs = run_suite(suite, tmp_path / "out", progress=lambda m: None).records
+    both = sorted(r.backend for r in recs if r.model == "both")
+    assert both == ["onnxruntime", "openvino"]
+    assert all(r.status == "ok" and r.teacher_agreement == pytest.approx(1.0) for r in recs if r.model == "both")
+
+    # --backend openvino: the ONNX artifact of "auto" runs on OpenVINO, the callable student is dropped,
+    # the teacher stays (it anchors the ratios); --precision int8 would drop fp32 rows but not the teacher
+    recs = run_suite(suite, tmp_path / "out2", backends=["openvino"], progress=lambda m: None).records
+    assert {(r.model, r.backend) for r in recs} == {("teacher", "callable"), ("both", "openvino"),
+                                                   ("auto", "openvino")}
+    recs = run_suite(suite, tmp_path / "out3", precisions=["int8"], progress=lambda m: None).records
+    assert {r.model for r in recs} == {"teacher", "student"}

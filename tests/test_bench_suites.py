@@ -2,8 +2,6 @@
 with missing datasets listed as skipped, and the `mirage-edge bench` command line."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from click.testing import CliRunner
 

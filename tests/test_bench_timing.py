@@ -61,3 +61,18 @@ def test_peak_rss_sees_a_large_allocation():
     after = peak_rss_mb()
     del block
     assert after - before >= 50
+
+
+def test_gflops_count_attention():
+    """FLOPs of a one-layer attention model equal the hand count (2 x MACs), SDPA included."""
+    import torch
+
+    from mirage_edge.bench.runners import torch_gflops
+
+    class Attn(torch.nn.Module):
+        def forward(self, x):  # B x 1 x 8 x 16 -> tokens B x 8 x 16, self-attention
+            t = x[:, 0]
+            return torch.nn.functional.scaled_dot_product_attention(t[:, None], t[:, None], t[:, None])
+
+    flops = torch_gflops(Attn(), 8, 16) * 1e9
+    assert flops == pytest.approx(2 * 2 * 8 * 8 * 16)  # QK^T and AV: 2 matmuls of 8x16x8 MACs

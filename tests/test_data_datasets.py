@@ -92,3 +92,21 @@ def test_real_duke_and_unlabelled(real_data):
     assert len(set(ds.volume_ids)) == 2 and ds[0]["mask"].max() <= 1
     un = UnlabelledImages(root, PreprocessSpec(size=(32, 32)))
     assert len(un) == 110 and un[0]["image"].shape == (1, 32, 32)
+
+
+def test_wrong_task_is_an_error(tmp_path):
+    seg = make_seg(tmp_path / "d")
+    with pytest.raises(DataError, match="segmentation set, not a classification set"):
+        ClassificationFolder(seg, "train", SPEC)
+    with pytest.raises(DataError, match="classification set, not a segmentation set"):
+        SegmentationFolder(make_cls(tmp_path / "c"), "train", SPEC)
+
+
+def test_synthetic_multimodal_folder(tmp_path):
+    from mirage_edge.data import synthesize
+
+    root = synthesize(tmp_path / "mm", "multimodal", 6, seed=0, size=64)
+    ds = MultimodalFolder(root, "train", PreprocessSpec(size=(64, 64)), augment=True)
+    item = ds[0]
+    assert set(item) >= {"bscan", "slo", "bscanlayermap", "id", "volume"}
+    assert item["bscanlayermap"].shape == (16, 16) and item["bscanlayermap"].max() <= 8

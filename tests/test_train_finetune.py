@@ -134,3 +134,37 @@ def test_cls_tiny_reaches_balanced_accuracy(tmp_path):
                                                                                             "weight_decay": 0.01})
     out = run_finetune(cfg)
     assert out["test"]["bacc"] >= 0.90, out["test"]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_finetune_two_gloo_ranks_match_one(cls64, tmp_path):
+    """The real CLI under torchrun (gloo): same weights and val metrics as one process, rank 0 writes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from mirage_edge.models import create_model
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the interpreter")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    args = ["train", "finetune", "--task", "cls", "--data", str(cls64), "--mode", "full", "--device", "cpu",
+            "image_size=64", "augment=false", "loop.batch_size=8", "loop.max_steps=3", "loop.epochs=10",
+            "loop.progress=false", "test=false", 'model.overrides={input_size=64, depth=1}', "optim.lr=1e-3",
+            # the key bias has an exactly-zero true gradient; Adam would blow its float noise (which
+            # depends on the reduction order) up to +-lr, so keep eps above that noise
+            "optim.eps=1e-6"]
+    subprocess.run([sys.executable, "-m", "mirage_edge.cli", *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env, timeout=600)
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mirage_edge.cli", *args,
+                    "--out", str(tmp_path / "two")], check=True, env=env, timeout=600)
+    a = create_model("mirage", checkpoint=tmp_path / "one" / "checkpoints" / "step_00000003").state_dict()
+    b = create_model("mirage", checkpoint=tmp_path / "two" / "checkpoints" / "step_00000003").state_dict()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 2e-5, worst
+    ev = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")]
+    e1, e2 = ([r for r in e if r["event"] == "eval"] for e in ev)
+    assert e1[-1]["n"] == e2[-1]["n"] and abs(e1[-1]["loss"] - e2[-1]["loss"]) < 1e-4

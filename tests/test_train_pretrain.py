@@ -74,3 +74,27 @@ def test_pretrain_from_official_checkpoint(mm_data, tmp_path, mirage_ref):
     assert res.steps == 2
     state = json.loads((res.last_dir / "config.json").read_text())
     assert state["encoder"]["architecture"]["dim_tokens"] == 64  # the fixture's width, not tiny's
+
+
+def test_bf16_autocast_step():
+    """One masked step and one fine-tuning step under bf16 autocast on CPU (the GPU path's dtypes)."""
+    from mirage_edge.models import create_model
+    from mirage_edge.models.task import segmentation_model
+    from mirage_edge.train.distributed import autocast
+    from mirage_edge.train.finetune import as_bscan_encoder
+    from mirage_edge.train.losses import ce_gdice_loss
+    from mirage_edge.train.pretrain import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    m = create_model("mirage-tiny", input_size=64, depth=1)
+    inputs = {"bscan": torch.rand(2, 1, 64, 64), "slo": torch.rand(2, 1, 64, 64),
+              "bscanlayermap": torch.randint(0, 13, (2, 16, 16))}
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        loss, parts = MaskedAutoencoder(m, 4, 1.0)(inputs)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and set(parts) == set(inputs)
+    seg = segmentation_model(as_bscan_encoder(m, 64), 3, class_dim=8, depth=1)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        loss, _ = ce_gdice_loss(seg(torch.rand(2, 1, 64, 64)), torch.randint(0, 3, (2, 64, 64)))
+    loss.backward()
+    assert torch.isfinite(loss)

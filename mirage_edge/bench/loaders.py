@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mirage_edge.bench.runners import Runner, TorchRunner, dir_size_mb
+from mirage_edge.bench.runners import NotApplicable, Runner, TorchRunner, dir_size_mb
 from mirage_edge.errors import CheckpointError
 
 TASK_KIND = {"segmentation": "seg", "classification": "cls", "seg": "seg", "cls": "cls"}
@@ -104,10 +104,18 @@ def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = 
 # exported artifacts
 # ---------------------------------------------------------------------------------------------
 
-class ArtifactRunner(Runner):
-    """An exported artifact folder run by `mirage_edge.runtime.Predictor` (checksums verified on load)."""
+# runtimes that can execute each artifact format, preferred first
+RUNTIMES = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",), "tensorrt": ("tensorrt",)}
 
-    def __init__(self, path: str | Path, backend: str = "auto", device: str = "cpu") -> None:
+
+class ArtifactRunner(Runner):
+    """An exported artifact folder run by `mirage_edge.runtime.Predictor` (checksums verified on load).
+
+    `backend` "auto" runs the format's preferred runtime, or the first runtime in `allowed` that can
+    read the format (an ONNX file also runs on OpenVINO)."""
+
+    def __init__(self, path: str | Path, backend: str = "auto", device: str = "cpu",
+                 allowed: list[str] | None = None) -> None:
         from mirage_edge.artifact import read_meta
 
         self.path = Path(path)
@@ -117,8 +125,15 @@ class ArtifactRunner(Runner):
         self.precision = self.meta.precision
         self.task_kind = TASK_KIND.get(self.meta.task, "")
         self.classes = list(self.meta.classes)
-        fmt_backend = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}[self.meta.format]
-        self.backend = fmt_backend if backend in ("", "auto") else backend
+        runtimes = RUNTIMES[self.meta.format]
+        if backend in ("", "auto"):
+            usable = [b for b in runtimes if allowed is None or b in allowed]
+            if not usable:
+                raise NotApplicable(f"{self.meta.format} artifact, backends {allowed}")
+            backend = usable[0]
+        elif backend not in runtimes:
+            raise NotApplicable(f"{self.meta.format} artifact cannot run on {backend}")
+        self.backend = backend
         q = self.meta.quantization
         self.notes = f"{self.meta.format} artifact" + (f", {q.method}" if q else "")
         self.predictor: Any = None
@@ -155,8 +170,8 @@ class ArtifactRunner(Runner):
         self.predictor = None
 
 
-def artifact_runner(path: str, backend: str = "auto", device: str = "cpu") -> Runner:
-    return ArtifactRunner(path, backend=backend, device=device)
+def artifact_runner(path: str, backend: str = "auto", device: str = "cpu", allowed: list[str] | None = None) -> Runner:
+    return ArtifactRunner(path, backend=backend, device=device, allowed=allowed)
 
 
-__all__ = ["torch_runner", "artifact_runner", "ArtifactRunner", "MirageTorchRunner"]
+__all__ = ["torch_runner", "artifact_runner", "ArtifactRunner", "MirageTorchRunner", "RUNTIMES"]

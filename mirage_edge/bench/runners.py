@@ -18,6 +18,11 @@ import numpy as np
 from mirage_edge.errors import ConfigError, MirageEdgeError
 
 
+class NotApplicable(Exception):
+    """A model form cannot run on the requested backend (e.g. an OpenVINO IR on ONNX Runtime): the
+    combination is left out of the table, it is not an error."""
+
+
 class Runner:
     """Base class. Subclasses set the class attributes and implement `load` and `infer`."""
 
@@ -141,11 +146,12 @@ class TorchRunner(Runner):
 def torch_gflops(module: Any, height: int, width: int) -> float | None:
     """FLOPs (2 x MACs of matmul/conv/bmm) of one 1 x 1 x H x W forward, with torch's FlopCounterMode.
 
-    Fused SDPA kernels are not counted by FlopCounterMode on CPU, so modules exposing `fused_attn`
-    (timm and our MIRAGE attention) are switched to the explicit matmul path while counting.
-    Returns None if the forward fails at this size (e.g. a fixed positional table).
+    FlopCounterMode does not count the fused CPU kernel of `scaled_dot_product_attention` (0 FLOPs),
+    so counting runs with SDPA forced to its math backend (explicit matmuls) and timm modules'
+    `fused_attn` switched off. Returns None if the forward fails at this size.
     """
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     switched = [m for m in module.modules() if getattr(m, "fused_attn", None) is True]
@@ -153,7 +159,7 @@ def torch_gflops(module: Any, height: int, width: int) -> float | None:
         m.fused_attn = False
     try:
         x = torch.zeros(1, 1, height, width)
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             module(x)
         return counter.get_total_flops() / 1e9
     except Exception:  # noqa: BLE001 - FLOPs are optional; the timing row reports real failures
@@ -197,4 +203,4 @@ def cpu_threads_env(threads: int, omp_wait_policy: str = "") -> dict[str, str]:
     return env
 
 
-__all__ = ["Runner", "TorchRunner", "torch_gflops", "load_factory", "make_input", "dir_size_mb", "cpu_threads_env"]
+__all__ = ["NotApplicable", "Runner", "TorchRunner", "torch_gflops", "load_factory", "make_input", "dir_size_mb", "cpu_threads_env"]

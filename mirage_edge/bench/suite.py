@@ -9,7 +9,6 @@ folder, `--root`), `{data}` (datasets folder, `--data`) and `{task}` (the task's
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,12 +174,14 @@ def plan_forms(suite: BenchSuite, backends: list[str] | None = None, models: lis
             if m.checkpoint or m.registry:
                 src = expand(m.checkpoint, suite, tname) if m.checkpoint else m.registry
                 forms.append(Form(m, "torch", src, task, backend="torch"))
+            # one form per listed runtime (an ONNX artifact can run on ONNX Runtime and OpenVINO)
+            runtimes = [b for b in m.backends if b in ("onnxruntime", "openvino", "tensorrt")] or [""]
             for pattern in m.artifacts:
                 pat = expand(pattern, suite, tname)
                 dirs = _artifact_dirs(pat)
                 if not dirs:
                     forms.append(Form(m, "artifact", pat, task, problem=f"no artifact folder matches {pat}"))
-                forms.extend(Form(m, "artifact", d, task) for d in dirs)
+                forms.extend(Form(m, "artifact", d, task, backend=b) for d in dirs for b in runtimes)
     out = []
     for f in forms:
         allowed = allowed_backends(f, backends)
@@ -197,13 +198,5 @@ def allowed_backends(form: Form, backends: list[str] | None) -> set[str] | None:
     return allowed
 
 
-def suite_to_toml(suite: BenchSuite) -> str:
-    return _config.dumps_toml(_config.to_dict(suite))
-
-
-def replace(suite: BenchSuite, **changes: object) -> BenchSuite:
-    return dataclasses.replace(suite, **changes)  # type: ignore[arg-type]
-
-
 __all__ = ["BenchSuite", "TimingConfig", "TaskSpec", "SynthSpec", "ModelSpec", "Form", "load_suite", "plan_forms",
-           "expand", "allowed_backends", "suite_to_toml", "BACKENDS", "PRECISIONS"]
+           "expand", "allowed_backends", "BACKENDS", "PRECISIONS"]

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mirage_edge.bench import timing as _timing
-from mirage_edge.bench.record import BenchRecord, PRIMARY_METRIC
+from mirage_edge.bench.record import PRIMARY_METRIC, BenchRecord
+from mirage_edge.bench.runners import NotApplicable
 from mirage_edge.errors import MirageEdgeError
 
 RSS_ISOLATED = "VmHWM of a fresh worker process after load+timing (before eval)"
@@ -51,7 +52,8 @@ def make_runner(form: dict[str, Any]) -> Any:
     if kind == "artifact":
         from mirage_edge.bench.loaders import artifact_runner
 
-        return artifact_runner(source, backend=form.get("backend") or "auto", device=form.get("device", "cpu"))
+        return artifact_runner(source, backend=form.get("backend") or "auto", device=form.get("device", "cpu"),
+                               allowed=form.get("allowed_backends"))
     raise MirageEdgeError(f"unknown form kind {kind!r}")
 
 
@@ -75,7 +77,9 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
     if form.get("problem"):
         return [error_row("plan", form["problem"], threads=tm["threads"][0])]
     try:
-        runner = make_runner(form)
+        runner = make_runner({**form, "allowed_backends": spec.get("allowed_backends")})
+    except NotApplicable:
+        return []  # e.g. an OpenVINO IR when only onnxruntime was asked for
     except Exception as exc:  # noqa: BLE001 - every failure must become a row
         return [error_row("load", exc, threads=tm["threads"][0])]
     base.update(backend=runner.backend, precision=runner.precision, weights=runner.weights,

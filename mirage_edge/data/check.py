@@ -44,25 +44,26 @@ def _check_sample(sample: Sample, lut: np.ndarray | None) -> _SampleResult:
         res.problems.append((str(sample.image), str(exc)))
         img = None
     if sample.mask is not None:
+        mpath = str(sample.mask)
         try:
             mask = read_image(sample.mask)
         except DataError as exc:
-            res.problems.append((str(sample.mask), str(exc)))
+            res.problems.append((mpath, str(exc)))
         else:
             if not np.issubdtype(mask.dtype, np.integer):
-                res.problems.append((str(sample.mask), f"mask {sample.mask} has dtype {mask.dtype}; masks hold integer "
-                                                       "class values"))
+                res.problems.append((mpath, f"mask {mpath} has dtype {mask.dtype}; masks hold integer class values"))
             elif lut is not None:
                 values = np.unique(mask)
                 bad = [int(v) for v in values if v >= len(lut) or lut[v] < 0]
                 if bad:
-                    res.problems.append((str(sample.mask), f"mask {sample.mask} has pixel values {bad[:10]} that are not "
-                                                           f"in INFO.json (allowed: {sorted(np.flatnonzero(lut >= 0).tolist())})"))
+                    allowed = sorted(np.flatnonzero(lut >= 0).tolist())
+                    res.problems.append((mpath, f"mask {mpath} has pixel values {bad[:10]} that are not in "
+                                                f"INFO.json (allowed: {allowed})"))
                 else:
                     res.class_pixels = np.bincount(lut[mask].ravel(), minlength=int(lut.max()) + 1)
             if img is not None and mask.shape != img.shape:
-                res.problems.append((str(sample.mask), f"size mismatch: mask {sample.mask} is {mask.shape[0]}x{mask.shape[1]}"
-                                                       f" but image {sample.image} is {img.shape[0]}x{img.shape[1]}"))
+                res.problems.append((mpath, f"size mismatch: mask {mpath} is {mask.shape[0]}x{mask.shape[1]} but "
+                                            f"image {sample.image} is {img.shape[0]}x{img.shape[1]}"))
     for name, path in sample.extra:
         try:
             arr = read_image(path)

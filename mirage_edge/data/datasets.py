@@ -56,10 +56,13 @@ class _FolderBase(Dataset):
             self.index = root
         else:
             splits = None if split is None else [split]
-            self.index = load_dataset(root, self.task, skip_bad=skip_bad, check=check, splits=splits)
+            # Detect the layout, then insist it is ours: forcing a task would misread e.g. the
+            # bscan/ and semseg/ folders of a segmentation set as two classes.
+            self.index = load_dataset(root, "auto", skip_bad=skip_bad, check=check, splits=splits)
         if self.task not in ("auto", self.index.task) and not (self.task == "multimodal"
                                                                 and self.index.task == "segmentation"):
-            raise DataError(f"{self.index.root} is a {self.index.task} set, not {self.task}")
+            raise DataError(f"{self.index.root} looks like a {self.index.task} set, not a {self.task} set "
+                            "(see mirage_edge.data.layout for the expected folders)")
         self.split = split
         self.samples = _resolve_split(self.index, split)
         self.spec = spec or PreprocessSpec()

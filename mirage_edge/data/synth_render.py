@@ -277,7 +277,7 @@ def render_bscan(rng: np.random.Generator, vol: VolumeParams, slice_idx: int, si
         r = 0.006
         dot = ((X - ex_x) / r) ** 2 + ((Y - cy) / (r * 0.8)) ** 2 <= 1
         db = np.where(dot, 29.0, db)
-        db = db - np.where((Y > cy) & (np.abs(X - ex_x) < r), 7.0, 0.0)
+        db = db - np.where((Y > cy) & (np.abs(X - ex_x) < r), 4.0, 0.0)
     # retinal vessels: small bright vessel in the RNFL/GCL, shadow in everything below
     if vol.vessels_x and slice_idx < len(vol.vessels_x):
         vxs, vws = vol.vessels_x[slice_idx], vol.vessels_w[slice_idx]

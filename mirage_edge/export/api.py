@@ -75,7 +75,7 @@ def export_model(
     say(f"{plan.task} model, inputs {plan.input_sizes}, output {plan.output_kind} {plan.output_shape}; "
         f"data: {data.source}")
     ref = _torch_outputs(torch, plan, data.val, target)
-    ref_metric = (val.task_metric(plan.task, plan.output_kind, ref, data.val_labels, len(plan.classes))
+    ref_metric = (val.task_metric(plan.task, plan.output_kind, ref, data.val_labels, plan.classes, data.val_volumes)
                   if data.val_labels is not None else None)
 
     results: list[Path] = []
@@ -247,7 +247,7 @@ def _validate(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, stage
     numbers: dict[str, Any] = val.parity_numbers(plan.task, plan.output_kind, ref, got.astype(ref.dtype, copy=False),
                                                  len(plan.classes))
     if ref_metric is not None and data.val_labels is not None:
-        art = val.task_metric(plan.task, plan.output_kind, got, data.val_labels, len(plan.classes))
+        art = val.task_metric(plan.task, plan.output_kind, got, data.val_labels, plan.classes, data.val_volumes)
         for k, v in ref_metric.items():
             numbers[f"torch_{k}"] = v
             numbers[f"artifact_{k}"] = art[k]

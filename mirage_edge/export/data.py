@@ -23,6 +23,7 @@ class ExportData:
     val_labels: np.ndarray | None  # N (class index) or N x H x W (class-index masks)
     source: str  # what the images were
     notes: list[str]
+    val_volumes: list[str] | None = None  # volume id per validation image (segmentation metric)
 
     @property
     def n_calib(self) -> int:
@@ -104,6 +105,9 @@ def load_export_data(source: str | Path | None, specs: dict[str, PreprocessSpec]
         lut = index.info.lut()
         labels = np.stack([resize_mask(lut[np.asarray(read_image(s.mask)).astype(np.int64)], spec.size)
                            for s in val_s if s.mask is not None])
+        if labels.min() < 0:  # pixel values missing from INFO.json: the data check tool reports these
+            notes.append(f"{root}: mask values not in INFO.json; labels not used (run `mirage-edge data check`)")
+            labels = None
     elif index.task in ("classification", "segmentation"):
         notes.append(f"{root} labels not used: dataset task {index.task} / classes do not match the model")
-    return ExportData(_batches(cal, calib_batch), val, labels, str(root), notes)
+    return ExportData(_batches(cal, calib_batch), val, labels, str(root), notes, [s.volume for s in val_s])

@@ -83,12 +83,23 @@ def parity_numbers(task: str, output_kind: str, ref: np.ndarray, got: np.ndarray
 
 
 def task_metric(task: str, output_kind: str, outputs: np.ndarray, labels: np.ndarray,
-                n_classes: int = 0) -> dict[str, float]:
-    """Accuracy (classification) or mean foreground Dice (segmentation) against labels."""
+                classes: list[str], volumes: list[str] | None = None) -> dict[str, float]:
+    """The benchmark metric against labels, via `mirage_edge.metrics` (MIRAGE's definitions).
+
+    classification: balanced accuracy (first key, used for the drop check) and accuracy;
+    segmentation: mean per-volume foreground Dice. Returns {} when the metric is undefined.
+    """
+    from mirage_edge.metrics import classification_metrics, segmentation_metrics
+
     if task == "classification":
-        return {"accuracy": float((outputs.argmax(1) == labels).mean())}
+        z = outputs - outputs.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        m = classification_metrics(labels, probs, num_classes=len(classes))
+        return {"bacc": float(m["bacc"]), "accuracy": float(m["accuracy"])}
     masks = outputs if output_kind == "mask" else outputs.argmax(1)
-    return {"dice": float(np.mean([mask_dice(m, t, n_classes) for m, t in zip(masks, labels)]))}
+    vols = volumes if volumes is not None else [str(i) for i in range(len(masks))]
+    m = segmentation_metrics(list(masks), list(labels), vols, len(classes), compute_hd95=False)
+    return {"dice": float(m["dice"])}
 
 
 def check(numbers: dict[str, Any], task: str, output_kind: str, precision: str, cfg: ValidationConfig,
