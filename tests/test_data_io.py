@@ -76,3 +76,14 @@ def test_write_png_is_atomic_and_checks_dtype(tmp_path):
     assert p.is_file() and list(p.parent.iterdir()) == [p]
     with pytest.raises(DataError, match="dtype"):
         write_png(tmp_path / "f.png", np.ones((4, 4), np.float32))
+
+
+def test_truncated_jpeg(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(data[: len(data) - 200])
+    with pytest.raises(DataError, match="cut.jpg"):
+        read_image(p)
+    p.write_bytes(data)
+    assert read_image(p).shape == (64, 64)

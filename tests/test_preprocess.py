@@ -141,3 +141,10 @@ def test_preprocess_is_torch_free():
         """
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_mirage_presets():
+    assert PreprocessSpec.for_segmentation(256) == PreprocessSpec(size=(256, 256), minmax_order="before_resize")
+    assert PreprocessSpec.for_classification().minmax_order == "after_resize"
+    assert PreprocessSpec.for_classification().size == (512, 512)
+    assert PreprocessSpec.for_pretraining((64, 32)).scaling == "divide"

@@ -32,7 +32,7 @@ if [[ $SMOKE == 1 ]]; then
   # fp32: bf16 autocast on CPUs without bf16 matmul units is ~40x slower (the bf16 code path is
   # covered by tests/test_train_pretrain.py::test_bf16_autocast_step on CPU)
   DEVICE=cpu; PREC=fp32; MODEL=mirage-tiny; SIZE=64; N_MM=24; N_SEG=16
-  PRE_STEPS=${PRETRAIN_STEPS:-6}; PRE_BS=8; SEG_SIZE=64; SEG_STEPS=${SEG_STEPS:-6}; SEG_BS=4; WORKERS=0
+  PRE_STEPS=${PRETRAIN_STEPS:-10}; PRE_BS=8; SEG_SIZE=64; SEG_STEPS=${SEG_STEPS:-10}; SEG_BS=4; WORKERS=0
   SEG_HEAD=(head.class_dim=16 head.depth=1); EXTRA=(loop.threads=2)
 else
   "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -59,13 +59,14 @@ PY
 "$PYTHON" -m mirage_edge.cli train pretrain --data "$WORK/mm" --model "$MODEL" --device "$DEVICE" \
   --precision "$PREC" --out "$WORK/pretrain" loop.epochs=1000 loop.max_steps="$PRE_STEPS" \
   loop.batch_size="$PRE_BS" loop.log_every=5 loop.num_workers="$WORKERS" loop.progress=false \
-  optim.lr=3e-4 optim.warmup_steps=5 ${EXTRA[@]+"${EXTRA[@]}"}
+  loop.checkpoint_every="$PRE_STEPS" loop.eval_every=5 optim.lr=3e-4 optim.warmup_steps=5 ${EXTRA[@]+"${EXTRA[@]}"}
 
 # 3. segmentation fine-tune from that checkpoint (frozen encoder blocks + ConvNeXt head)
 "$PYTHON" -m mirage_edge.cli train finetune --task seg --data "$WORK/layers" --checkpoint "$WORK/pretrain" \
   --device "$DEVICE" --precision "$PREC" --out "$WORK/seg" --mode frozen image_size="$SEG_SIZE" \
   loop.epochs=1000 loop.max_steps="$SEG_STEPS" loop.batch_size="$SEG_BS" loop.log_every=5 \
-  loop.num_workers="$WORKERS" loop.progress=false optim.lr=1e-3 optim.warmup_steps=3 test=false \
+  loop.num_workers="$WORKERS" loop.progress=false loop.checkpoint_every="$SEG_STEPS" optim.lr=1e-3 \
+  optim.warmup_steps=3 test=false \
   ${SEG_HEAD[@]+"${SEG_HEAD[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
 
 # 4. report: throughput, peak memory, loss trend (from the JSONL logs)

@@ -31,9 +31,9 @@ class DemoPlan:
     n_images: int = 60
     teacher_epochs: int = 12
     teacher_batch: int = 8
-    stage1_epochs: int = 3
-    stage2_epochs: int = 4
-    qat_epochs: int = 1
+    stage1_epochs: int = 6
+    stage2_epochs: int = 12
+    qat_epochs: int = 2
     distill_batch: int = 8
     student: str = "mobilenetv4_conv_small"
     calib_images: int = 16
@@ -118,17 +118,21 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
 
     atomic_write_text(stamp, json.dumps({"plan": wanted}, indent=1))
     times: dict[str, float] = {}
+    redone: list[str] = []  # once a stage runs, every later stage is stale and runs too
 
     def stage(n: int, name: str, done: bool, where: Path, fn: Callable[[], Any]) -> None:
         head = f"[{n}/5] {name}"
-        if done:
+        if done and not redone:
             say(f"{head}: reusing {where} (already complete; --force to redo)")
             times[name] = 0.0
             return
-        say(f"{head} -> {where}")
+        if where.exists() and n > 1:
+            shutil.rmtree(where)  # partial or stale output: start this stage clean
+        say(f"{head} -> {where}" + (f" (redone because {redone[0]} changed)" if done and redone else ""))
         t0 = time.perf_counter()
         fn()
         times[name] = time.perf_counter() - t0
+        redone.append(name)
         say(f"{head}: done in {times[name]:.0f} s")
 
     data = out / "data" / "layers"
@@ -141,10 +145,10 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
     stage(3, f"student ({plan.student}: KD + QAT)", _complete(distill_dir, "report.json"), distill_dir,
           lambda: _distill(data, _best(teacher), distill_dir, plan, threads, out / "cache", say))
     export = out / "export"
-    wanted = _export_jobs(out, _best(teacher), distill_dir, plan)
-    stage(4, "export (ONNX, OpenVINO; FP32, INT8)", all(_complete(a, "SHA256SUMS") for job in wanted
-                                                      for a in job["artifacts"]), export,
-          lambda: _export(wanted, data, say))
+    stage(4, "export (ONNX, OpenVINO; FP32, INT8)",
+          all(_complete(a, "SHA256SUMS") for job in _export_jobs(out, _best(teacher), distill_dir, plan)
+              for a in job["artifacts"]), export,
+          lambda: _export(_export_jobs(out, _best(teacher), distill_dir, plan), data, say))
     bench_dir = out / "bench"
     result: dict[str, Any] = {}
 
@@ -201,10 +205,12 @@ def _distill(data: Path, teacher: Path, out: Path, plan: DemoPlan, threads: int,
         'name="demo"', f"out={json.dumps(str(out))}", f"teacher.model={json.dumps(str(teacher))}",
         f"student.name={json.dumps(plan.student)}", f"data.path={json.dumps(str(data))}", 'data.task="seg"',
         f"data.image_size={plan.image_size}", f"stage1.epochs={plan.stage1_epochs}",
-        f"stage1.batch_size={plan.distill_batch}", f"stage2.epochs={plan.stage2_epochs}",
-        f"stage2.batch_size={plan.distill_batch}", "qat.enabled=true", f"qat.epochs={plan.qat_epochs}",
-        f"qat.batch_size={plan.distill_batch}", f"run.threads={threads}", f"cache.dir={json.dumps(str(cache))}",
-    ])
+        f"stage1.batch_size={plan.distill_batch}", "stage1.lr=2e-3", f"stage2.epochs={plan.stage2_epochs}",
+        f"stage2.batch_size={plan.distill_batch}", "stage2.lr=1.5e-3",
+        "stage2.loss={alpha = 0.5, temperature = 2.0, dice = 1.0, feature = 0.0}",
+        "qat.enabled=true", f"qat.epochs={plan.qat_epochs}", f"qat.batch_size={plan.distill_batch}",
+        "qat.lr=5e-5", "qat.subset_size=32", f"run.threads={threads}", f"cache.dir={json.dumps(str(cache))}",
+    ])  # the settings of distill/recipes/layers-tiny.toml (tuned for synthetic layers), at the demo's size
     distill(recipe, overwrite=True, log=say)
 
 
@@ -236,10 +242,6 @@ def _export(jobs: list[dict[str, Any]], data: Path, say: Callable[[str], None]) 
     from mirage_edge.export.target import ExportTarget, QuantConfig
 
     for job in jobs:
-        missing = [a for a in job["artifacts"] if not (a / "SHA256SUMS").is_file()]
-        if not missing:
-            say(f"  {job['name']}: reusing {job['out']}")
-            continue
         t0 = time.perf_counter()
         model = _load_for_export(job["src"], job["kind"])
         target = ExportTarget(name=f"demo-{job['name']}", formats=job["formats"], precisions=job["precisions"],

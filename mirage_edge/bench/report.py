@@ -206,8 +206,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
-    """Median latency (log x) vs primary metric, one panel per evaluated task; random-weight
-    reference rows appear as labelled vertical lines (latency only). Returns None if nothing to plot."""
+    """Median latency (log x) vs primary metric, one panel per evaluated task. Points are numbered
+    (fastest first) and listed beside the panel with their numbers; random-weight reference rows are
+    labelled vertical lines (latency only). Returns None if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,33 +222,40 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
              if any(r.task == t and r.primary_value is not None for r in ok)]
     if not tasks:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 5.6), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(12, 5.6 * len(tasks)), squeeze=False)
     colors = {"teacher": "tab:red", "student": "tab:blue", "reference": "tab:gray", "candidate": "tab:green"}
     markers = {"fp32": "o", "bf16": "D", "fp16": "D", "int8": "s"}
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[:, 0], tasks):
         rows = [r for r in ok if r.task == task and r.batch == batch]
         threads, size = rows[0].threads, rows[0].input_h
-        rows = [r for r in rows if r.threads == threads and r.input_h == size]
+        rows = sorted((r for r in rows if r.threads == threads and r.input_h == size),
+                      key=lambda r: r.latency_median_ms)  # type: ignore[arg-type,return-value]
         scored = [r for r in rows if r.primary_value is not None]
         metric = scored[0].primary_metric
-        for r in scored:
+        listing = []
+        for i, r in enumerate(scored, 1):
             ax.scatter(r.latency_median_ms, r.primary_value, c=colors.get(r.role, "k"),
-                       marker=markers.get(r.precision, "o"), s=60, zorder=3, edgecolors="black", linewidths=0.5)
-            ax.annotate(f"{r.model}\n{r.backend} {r.precision}", (r.latency_median_ms, r.primary_value),
-                        textcoords="offset points", xytext=(6, 4), fontsize=7)
+                       marker=markers.get(r.precision, "o"), s=70, zorder=3, edgecolors="black", linewidths=0.5)
+            # alternate above/below so neighbours with equal metric stay readable
+            ax.annotate(str(i), (r.latency_median_ms, r.primary_value), textcoords="offset points",
+                        xytext=(0, 7 if i % 2 else -13), ha="center", fontsize=8, fontweight="bold")
+            listing.append(f"{i:>2}  {r.model} {r.backend} {r.precision}: {_ms(r.latency_median_ms)} ms, "
+                           f"{metric} {r.primary_value:.3f}")
         front = pareto_front([(r.latency_median_ms, r.primary_value) for r in scored])  # type: ignore[misc]
         if len(front) > 1:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:blue", alpha=0.5,
                     lw=1.2, label="Pareto front")
         ys = [r.primary_value for r in scored]
         lo, hi = min(ys), max(ys)  # type: ignore[type-var]
-        pad = max(0.02, 0.15 * (hi - lo))  # type: ignore[operator]
+        pad = max(0.03, 0.15 * (hi - lo))  # type: ignore[operator]
         for r in rows:
             if r.primary_value is None:
                 ax.axvline(r.latency_median_ms, color="tab:gray", ls="--", lw=1)
-                ax.text(r.latency_median_ms, lo - pad * 0.6, f" {r.model} {r.backend} {r.precision}\n "
-                        f"({'random weights, ' if r.weights == 'random' else ''}latency only)",
-                        fontsize=7, color="dimgray", rotation=90, va="bottom", ha="right")
+                ax.text(r.latency_median_ms, hi + pad * 0.9, f"{r.model} {r.backend} {r.precision} "
+                        f"{_ms(r.latency_median_ms)} ms\n({'random weights, ' if r.weights == 'random' else ''}"
+                        "latency only)", fontsize=7, color="dimgray", rotation=90, va="top", ha="right")
+                listing.append(f"  |  {r.model} {r.backend} {r.precision}: {_ms(r.latency_median_ms)} ms "
+                               f"({'random weights, ' if r.weights == 'random' else ''}no metric)")
         teacher = next((r for r in scored if is_teacher_reference(r)), None)
         if teacher is not None:
             ax.axhline(teacher.primary_value, color="tab:red", ls=":", lw=1, label="teacher (PyTorch FP32)")
@@ -255,20 +263,23 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
                        label="97% of teacher")
         ax.set_xscale("log")
         xs = [r.latency_median_ms for r in rows]
-        ax.set_xlim(min(xs) / 1.6, max(xs) * 3.0)  # room for the labels right of the points
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)  # type: ignore[operator]
         ax.set_ylim(lo - pad, hi + pad)  # type: ignore[operator]
         ax.set_xlabel(f"median latency, ms (batch {batch}, {size}x{size}, {threads} threads; log scale)")
         ax.set_ylabel(f"{metric} ({task})")
-        ax.set_title(f"{task}: latency vs {metric} ({rows[0].suite})")
+        ax.set_title(f"{task}: latency vs {metric} (suite {rows[0].suite})")
         ax.grid(True, which="both", alpha=0.3)
+        ax.text(1.02, 1.0, "\n".join(listing), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                family="monospace")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
-    fig.text(0.01, 0.01, "red: teacher, blue: student, grey: reference; square: INT8, circle: FP32",
-             fontsize=7, color="dimgray")
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 0.16))
+    fig.text(0.01, 0.005, "red: teacher, blue: student, grey: reference; square: INT8, circle: FP32; "
+             "| = latency-only row (dashed line)", fontsize=7, color="dimgray")
     fig.tight_layout()
+    fig.subplots_adjust(right=0.6)
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
 

@@ -51,9 +51,12 @@ def _decode(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {exc}") from exc
     if data.size == 0:
         raise DataError(f"cannot read image {path}: the file is empty")
+    # libpng / libjpeg decode a truncated file partly (missing rows come back black) with only a
+    # warning, so check the end markers ourselves.
     if suffix == ".png" and not _png_complete(data):
-        # libpng decodes a truncated file partly (missing rows come back black) with only a warning.
         raise DataError(f"cannot read image {path}: truncated PNG (no IEND chunk)")
+    if suffix in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-64:].tobytes():
+        raise DataError(f"cannot read image {path}: truncated JPEG (no end-of-image marker)")
     img = None
     try:
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
@@ -68,7 +71,8 @@ def _decode(path: Path) -> np.ndarray:
 
 def _png_complete(data: np.ndarray) -> bool:
     # A complete PNG ends with the 12-byte IEND chunk: length 0, b"IEND", CRC.
-    return data.size >= 20 and bytes(data[-12:-4].tobytes()) == b"\x00\x00\x00\x00IEND"
+    # (searched near the end: some writers append bytes after IEND)
+    return data.size >= 20 and b"\x00\x00\x00\x00IEND" in data[-256:].tobytes()
 
 
 def _read_tiff(path: Path) -> np.ndarray | None:

@@ -87,6 +87,22 @@ class PreprocessSpec:
         if self.dtype != "float32":
             raise ValueError(f"dtype must be 'float32', got {self.dtype!r}")
 
+    # --- MIRAGE presets ----------------------------------------------------------------------
+    @classmethod
+    def for_segmentation(cls, size: int | tuple[int, int] = 1024) -> "PreprocessSpec":
+        """MIRAGE segmentation fine-tuning: per-image min-max, then resize (paper size 1024)."""
+        return cls(size=_pair(size), scaling="minmax", minmax_order="before_resize")
+
+    @classmethod
+    def for_classification(cls, size: int | tuple[int, int] = 512) -> "PreprocessSpec":
+        """MIRAGE classification fine-tuning: resize, then per-image min-max (paper size 512)."""
+        return cls(size=_pair(size), scaling="minmax", minmax_order="after_resize")
+
+    @classmethod
+    def for_pretraining(cls, size: int | tuple[int, int] = 512) -> "PreprocessSpec":
+        """MIRAGE pretraining / released inference wrapper: divide by the dtype max."""
+        return cls(size=_pair(size), scaling="divide")
+
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         from mirage_edge.config import to_dict
@@ -121,6 +137,10 @@ class PreprocessSpec:
 
     def replace(self, **changes: Any) -> "PreprocessSpec":
         return dataclasses.replace(self, **changes)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 # --- tap tables ----------------------------------------------------------------------------------

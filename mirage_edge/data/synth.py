@@ -160,7 +160,7 @@ def _disease_for(kind: str, rng: np.random.Generator, label: str | None) -> str:
     return "drusen" if rng.random() < 0.25 else "normal"
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
+def _write_png(path: Path, array: np.ndarray) -> None:
     # Plain writes (no fsync per file): a set is complete when SYNTH.json, written last and
     # atomically, exists; fsyncing thousands of PNGs would dominate the run time.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,18 +192,18 @@ def _render_job(job: dict[str, Any]) -> dict[str, Any]:
         img, layers, fluid = R.render_bscan(rng, v, k, (size, size), style)
         name = f"{job['volume']}_{i:03d}.png"
         if kind == "cls":
-            write_png(base / job["label"] / name, img)
+            _write_png(base / job["label"] / name, img)
             continue
-        write_png(base / "bscan" / name, img)
+        _write_png(base / "bscan" / name, img)
         if kind == "layers":
-            write_png(base / "semseg" / name, (layers * LAYER_VALUE_STEP).astype(np.uint8))
+            _write_png(base / "semseg" / name, (layers * LAYER_VALUE_STEP).astype(np.uint8))
             counts += np.bincount(layers.ravel(), minlength=len(counts))
         elif kind == "fluid":
-            write_png(base / "semseg" / name, (fluid * FLUID_VALUE_STEP).astype(np.uint8))
+            _write_png(base / "semseg" / name, (fluid * FLUID_VALUE_STEP).astype(np.uint8))
             counts += np.bincount(fluid.ravel(), minlength=len(counts))
         else:  # multimodal
-            write_png(base / "slo" / name, R.scan_line(slo, SLO_FIELD, (i + 0.5) / n))
-            write_png(base / "bscanlayermap" / name, layers)
+            _write_png(base / "slo" / name, R.scan_line(slo, SLO_FIELD, (i + 0.5) / n))
+            _write_png(base / "bscanlayermap" / name, layers)
             counts += np.bincount(layers.ravel(), minlength=len(counts))
     return {"split": job["split"], "volume": job["volume"], "n": n, "disease": disease, "counts": counts.tolist()}
 

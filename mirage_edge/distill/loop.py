@@ -116,7 +116,7 @@ def _loop_config(recipe: DistillRecipe, stage: Any) -> Any:
     return LoopConfig(device=r.device, epochs=max(1, stage.epochs), max_steps=stage.max_steps,
                       batch_size=stage.batch_size, seed=r.seed, log_every=r.log_every,
                       checkpoint_every=r.checkpoint_every, progress=r.progress, num_workers=r.num_workers,
-                      threads=r.threads, eval_every=max(1, stage.epochs))
+                      threads=r.threads, eval_every=r.eval_every or max(1, stage.epochs))
 
 
 def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples, stage: Any,

@@ -175,6 +175,9 @@ class CacheSpec:
 
 @dataclass
 class RunSpec:
+    """Execution settings shared by the stages. eval_every: epochs between validations (Dice / BAcc
+    in stage 2 picks the best checkpoint; feature cosine in stage 1); 0 = once, at the end of a stage."""
+
     device: str = "cpu"
     threads: int = 0
     seed: int = 0
@@ -183,6 +186,7 @@ class RunSpec:
     progress: bool = True
     num_workers: int = 0
     eval_batch_size: int = 16
+    eval_every: int = 0
 
 
 @dataclass

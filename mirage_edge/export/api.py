@@ -113,10 +113,10 @@ def _preprocess_specs(plan: ExportPlan, target: ExportTarget, given: PreprocessS
     else:
         own = getattr(model, "preprocess_spec", None)
         base = own.to_dict() if isinstance(own, PreprocessSpec) else {}
-        if "minmax_order" not in base and "minmax_order" not in target.preprocess:
-            # MIRAGE fine-tuning: classification scales after resizing, segmentation before.
-            base["minmax_order"] = "after_resize" if plan.task == "classification" else "before_resize"
-        base.update(target.preprocess)
+    if "minmax_order" not in base and "minmax_order" not in target.preprocess:
+        # MIRAGE fine-tuning: classification scales after resizing, segmentation before.
+        base["minmax_order"] = "after_resize" if plan.task == "classification" else "before_resize"
+    base.update(target.preprocess)  # the target's [preprocess] table has the last word
     out = {}
     for m, hw in plan.input_sizes.items():
         try:

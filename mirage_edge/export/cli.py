@@ -13,41 +13,57 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None):
-    """(model, SourceInfo, classes) from a checkpoint folder/file or a registered model name.
+    """(model, SourceInfo, classes, preprocess dict) from a checkpoint or a registered model name.
 
-    `input_size` rebuilds the model at that size (MIRAGE positional tables are resized explicitly).
+    Accepts our checkpoint folders (teacher or distilled student, `meta` in config.json), QAT
+    student folders from `mirage-edge distill --qat` (qat.json: rebuilt with its NNCF quantizers,
+    so the export writes their Q/DQ graph), official MIRAGE files, and registry names (random
+    init, for demos). `input_size` rebuilds the model at that size (MIRAGE positional tables are
+    resized explicitly).
     """
+    import json
+
     from mirage_edge._io import sha256_file
     from mirage_edge.artifact import SourceInfo
     from mirage_edge.models import is_model
 
     p = Path(checkpoint)
+    kw = {"input_size": tuple(input_size)} if input_size else {}
     if not p.exists():
         if is_model(checkpoint):
             from mirage_edge.models import create_model
 
-            kw = {"input_size": tuple(input_size)} if input_size else {}
-            return create_model(checkpoint, **kw), SourceInfo(model_name=checkpoint), None
+            return create_model(checkpoint, **kw), SourceInfo(model_name=checkpoint), None, None
         raise ConfigError(f"checkpoint not found: {checkpoint} (and it is not a registered model name)")
-    from mirage_edge.models import load_model
-
-    model = load_model(p, **({"input_size": tuple(input_size)} if input_size else {}))
-    weights = p / "model.safetensors" if p.is_dir() else p
     meta: dict = {}
-    cfg_path = p / "config.json" if p.is_dir() else None
-    if cfg_path is not None and cfg_path.is_file():
-        import json
+    if p.is_dir() and (p / "qat.json").is_file():
+        if input_size:
+            raise ConfigError(f"{p} is a QAT student: its quantizers are tied to its input size; drop --input-size")
+        from mirage_edge.distill.student_io import load_student
 
-        meta = json.loads(cfg_path.read_text(encoding="utf-8")).get("meta", {}) or {}
+        model = load_student(p)
+        meta = json.loads((p / "qat.json").read_text(encoding="utf-8")).get("meta", {}) or {}
+    else:
+        from mirage_edge.models import load_model
+
+        model = load_model(p, **kw)
+        cfg_path = p / "config.json"
+        if p.is_dir() and cfg_path.is_file():
+            meta = json.loads(cfg_path.read_text(encoding="utf-8")).get("meta", {}) or {}
+    weights = p / "model.safetensors" if p.is_dir() else p
     teacher = meta.get("teacher", "")
+    if isinstance(teacher, dict):
+        teacher_name, teacher_sha = str(teacher.get("name", "")), str(teacher.get("weights_sha256", ""))
+    else:
+        teacher_name, teacher_sha = str(teacher or ""), str(meta.get("teacher_sha256", ""))
     src = SourceInfo(
         model_name=str(meta.get("model_name", type(model).__name__)), checkpoint=str(p),
         checkpoint_sha256=sha256_file(weights) if weights.is_file() else "",
-        teacher=str(teacher.get("name", "") if isinstance(teacher, dict) else teacher),
-        teacher_sha256=str(meta.get("teacher_sha256", teacher.get("sha256", "") if isinstance(teacher, dict) else "")),
+        teacher=teacher_name, teacher_sha256=teacher_sha,
     )
-    classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
-    return model, src, classes
+    classes = meta.get("classes") if isinstance(meta.get("classes"), list) and meta.get("classes") else None
+    preprocess = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else None
+    return model, src, classes, preprocess
 
 
 @click.command("export")
@@ -91,12 +107,13 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
     from mirage_edge.export.api import export_model
 
     console = Console(stderr=True)
-    model, source, classes = load_source_model(checkpoint, input_size)
+    model, source, classes, preprocess = load_source_model(checkpoint, input_size)
     with console.status("exporting...") as status:
         def log(msg: str) -> None:
             status.update(msg)
             console.log(msg)
 
-        dirs = export_model(model, out, tgt, calib=calib, classes=classes, source=source, name=name, log=log)
+        dirs = export_model(model, out, tgt, calib=calib, classes=classes, preprocess=preprocess, source=source,
+                            name=name, log=log)
     for d in dirs:
         click.echo(str(d))

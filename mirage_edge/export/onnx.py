@@ -112,6 +112,8 @@ def export_torch_to_onnx(plan: ExportPlan, path: Path, target: ExportTarget) -> 
             errors.append(f"{exporter}: {type(exc).__name__}: {str(exc)[:400]}")
     else:
         raise ExportError("ONNX export failed with every exporter: " + " | ".join(errors))
+    _name_dynamic_dims(model, axes)
+    onnx.save(model, str(path))
     info: dict[str, Any] = {"exporter": exporter, "opset": _opset(model), "exporter_fallbacks": errors}
     if target.simplify:
         info["simplified"] = _slim(path, info)
@@ -131,6 +133,15 @@ def _dynamic_shapes(torch: Any, axes: dict[str, dict[int, str]], ins: list[str],
         return dims[sym]
 
     return {"xs": tuple({ax: dim(sym) for ax, sym in axes.get(n, {}).items()} or None for n in ins)}
+
+
+def _name_dynamic_dims(model: Any, axes: dict[str, dict[int, str]]) -> None:
+    """Give graph inputs/outputs our symbolic dim names (dynamo names them s0, s1, ...)."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for ax, sym in axes.get(value.name, {}).items():
+            if ax < len(dims) and not dims[ax].HasField("dim_value"):
+                dims[ax].dim_param = sym
 
 
 def _opset(model: Any) -> int:

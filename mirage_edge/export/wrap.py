@@ -207,7 +207,7 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
     n_cls = int(out.shape[1]) if task in ("classification", "segmentation") else 0
     if classes is not None and task != "encoder" and len(classes) != n_cls:
         raise ConfigError(f"{len(classes)} class names given but the model outputs {n_cls} classes")
-    names = list(classes) if classes else (_model_classes(model, n_cls) if n_cls else [])
+    names = (list(classes) if classes else _model_classes(model, n_cls)) if n_cls else []
     out_shape = list(out.shape)
     if argmax:
         out_shape = [out_shape[0], *out_shape[2:]]

@@ -212,7 +212,8 @@ class Trainer:
         full = self.steps_per_epoch * loop.epochs
         self.total_steps = min(full, loop.max_steps) if loop.max_steps else full
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples": 0,
-                                      "best": None, "best_step": None, "bad_evals": 0, "history": []}
+                                      "best": None, "best_step": None, "bad_evals": 0, "history": [],
+                                      "stopped_early": False}
         self.logger = MetricLogger(self.run_dir, enabled=self.info.is_main, tensorboard=loop.tensorboard)
 
     # ------------------------------------------------------------------ checkpoints
@@ -249,7 +250,8 @@ class Trainer:
         if st.get("world_size", 1) != self.info.world_size:
             self.logger.info(f"note: resuming a {st.get('world_size')}-process run on "
                              f"{self.info.world_size} process(es); data order is kept, RNG streams are not")
-        for key in ("step", "epoch", "micro_in_epoch", "samples", "best", "best_step", "bad_evals", "history"):
+        for key in ("step", "epoch", "micro_in_epoch", "samples", "best", "best_step", "bad_evals", "history",
+                    "stopped_early"):
             if key in st:
                 self.state[key] = st[key]
         self.logger.info(f"resumed from {path} at step {self.state['step']} (epoch {self.state['epoch']})")
@@ -298,7 +300,7 @@ class Trainer:
         window: dict[str, float] = {}
         win_n, win_t, win_samples = 0, time.perf_counter(), 0
         last_loss = math.nan
-        stopped = False
+        stopped = bool(st.get("stopped_early"))  # resuming a run that already stopped early: done
         last_dir: Path | None = None
         progress.update(st["step"])
         try:
@@ -346,6 +348,7 @@ class Trainer:
                     st["epoch"] += 1
                     st["micro_in_epoch"] = 0
                     stopped = self._end_of_epoch(st["epoch"])
+                    st["stopped_early"] = stopped
                     # checkpoint_every = 0: every epoch end; else only on its multiples (+ the very end)
                     if (not loop.checkpoint_every or st["step"] % loop.checkpoint_every == 0
                             or st["step"] >= self.total_steps or stopped):
