@@ -121,19 +121,22 @@ def test_seg_resume_auto_continues_to_same_end(layers64, tmp_path):
 
 
 @pytest.mark.slow
-def test_cls_tiny_reaches_balanced_accuracy(tmp_path):
-    """Acceptance: mirage-tiny fine-tuned on synthetic `cls` reaches test balanced accuracy >= 0.90."""
+def test_seg_tiny_reaches_dice(tmp_path):
+    """Acceptance: a tiny MIRAGE (dim 96, 2 blocks, 8 px patches) fine-tuned on synthetic `layers` at
+    128 px reaches a mean test Dice >= 0.80 over the retinal layers (background not scored)."""
     from mirage_edge.data.synth import synthesize
     from mirage_edge.train.finetune import run_finetune
 
-    data = synthesize(tmp_path / "cls", "cls", 160, 2, size=128)
-    cfg = _cfg(task="cls", data=str(data), out_dir=str(tmp_path / "run"), mode="full", image_size=128,
+    data = synthesize(tmp_path / "layers", "layers", 96, 1, size=128)
+    cfg = _cfg(task="seg", data=str(data), out_dir=str(tmp_path / "run"), mode="full", image_size=128,
                model={"name": "mirage-tiny", "overrides": {
-                   "input_size": 128, "patch_size": {"bscan": [16, 16], "slo": [16, 16], "bscanlayermap": [4, 4]}}},
-               loop={"epochs": 12, "batch_size": 16, "patience": 6, "log_every": 5}, optim={"lr": 1e-3, "warmup_steps": 5,
-                                                                                            "weight_decay": 0.01})
+                   "input_size": 128, "dim_tokens": 96, "depth": 2, "num_heads": 2,
+                   "patch_size": {"bscan": [8, 8], "slo": [8, 8], "bscanlayermap": [2, 2]}}},
+               head={"preds_per_patch": 16, "class_dim": 32, "depth": 2},
+               loop={"epochs": 12, "batch_size": 8, "log_every": 8, "eval_every": 2, "checkpoint_every": 96},
+               optim={"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.05})
     out = run_finetune(cfg)
-    assert out["test"]["bacc"] >= 0.90, out["test"]
+    assert out["test"]["dice"] >= 0.80, out["test"]
 
 
 @pytest.mark.slow

@@ -86,9 +86,7 @@ def synthetic_vs_real(out: str | Path, real_root: str | Path, seed: int = 0) -> 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
-    from mirage_edge.data.io import default_mode
 
-    default_mode(out)
     return out
 
 

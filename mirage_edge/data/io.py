@@ -158,20 +158,10 @@ def encode_png(array: np.ndarray, compression: int = 3) -> bytes:
     return buf.tobytes()
 
 
-def default_mode(path: str | Path) -> None:
-    """Give a file written through a temp file (mkstemp: 0600) the usual 0666 & ~umask mode."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_png(path: str | Path, array: np.ndarray, compression: int = 3) -> Path:
     """Write `array` (H x W uint8/uint16) as a PNG atomically (temp file + rename). Returns the path."""
     p = Path(path)
     atomic_write_bytes(p, encode_png(array, compression))
-    default_mode(p)
     return p
 
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from mirage_edge._io import atomic_write_text
 from mirage_edge.data import synth_render as R
-from mirage_edge.data.io import default_mode, encode_png
+from mirage_edge.data.io import encode_png
 from mirage_edge.errors import DataError
 
 KINDS = ("layers", "fluid", "cls", "multimodal")
@@ -274,8 +274,6 @@ def synthesize(out_dir: str | Path, kind: str, n: int, seed: int = 0, size: int 
         atomic_write_text(out / "INFO.json", _info(labels, LAYER_VALUE_STEP if kind == "layers" else FLUID_VALUE_STEP))
     elif kind == "multimodal":
         atomic_write_text(out / "INFO.json", _info(R.LAYER_CLASSES, 1))
-    if (out / "INFO.json").exists():
-        default_mode(out / "INFO.json")
     workers = workers or (1 if n * size * size < 64 * 512 * 512 else min(os.cpu_count() or 1, 8))
     results = _run(jobs, workers, progress)
     counts: dict[str, int] = {}
@@ -293,7 +291,6 @@ def synthesize(out_dir: str | Path, kind: str, n: int, seed: int = 0, size: int 
         "class_pixels": pixels if kind != "cls" else {},
     }
     atomic_write_text(out / "SYNTH.json", json.dumps(meta, indent=2))
-    default_mode(out / "SYNTH.json")
     return out
 
 
