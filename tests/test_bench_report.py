@@ -43,5 +43,5 @@ def test_headline_picks_fastest_int8_student_keeping_97_percent():
     h = headline(rows)["t"]
     assert h["student"].model == "good" and h["teacher_exported"].backend == "openvino"
     md = render_markdown(rows, HardwareInfo(cpu_model="X", threads=2))
-    assert "**150.0x** faster than `mirage-base`" in md and "**450.0x** faster than `mirage-large`" in md
+    assert "**150.0x faster** than `mirage-base`" in md and "**450.0x faster** than `mirage-large`" in md
     assert "keeps **98.8%**" in md

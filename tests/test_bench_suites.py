@@ -103,3 +103,28 @@ def test_bench_cli_bad_suite_is_a_clean_error():
     result = CliRunner().invoke(cli, ["bench", "--suite", "no-such-suite"])
     assert result.exit_code == 2
     assert "unknown suite 'no-such-suite'" in result.output and "synthetic" in result.output
+
+
+def test_artifact_bench_is_torch_free(tmp_path):
+    """A device with only a runtime installed can bench artifacts (PyTorch rows would be error rows)."""
+    from conftest import run_without_torch
+
+    make_onnx_artifact(tmp_path / "export" / "student" / "onnx-fp32")
+    proc = run_without_torch(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from test_bench_toys import make_seg_set
+        from mirage_edge.bench.run import bench
+        make_seg_set(__import__("pathlib").Path({str(tmp_path / "data" / "layers")!r}))
+        res = bench("synthetic", {str(tmp_path / "out")!r}, isolate=False, models=["student"],
+                    overrides={FAST!r} + ['root="{tmp_path}"', 'data="{tmp_path / "data"}"'],
+                    progress=lambda m: None)
+        rows = {{(r.model, r.backend): r for r in res.records}}
+        assert rows[("student", "onnxruntime")].status == "ok", rows
+        assert rows[("student", "onnxruntime")].dice is not None
+        assert rows[("teacher", "torch")].status == "error" and "torch" in rows[("teacher", "torch")].error
+        assert "torch" not in sys.modules
+        print("OK")
+        """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout

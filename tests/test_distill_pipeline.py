@@ -114,9 +114,11 @@ def test_cli_with_official_fixture_teacher(mirage_ref, seg_setup):
     rep = json.loads((out / "report.json").read_text())
     assert rep["teacher"]["grid"] == [8, 8]  # student stride-32 2x2 map resampled to the teacher's 8x8 grid
     assert (out / "student" / "model.safetensors").is_file()
+    bad_out = root / "bad"
     bad = CliRunner().invoke(cli, ["distill", "--recipe", "tiny-demo", "--teacher", "no/such/teacher",
-                                   "--data", str(data)])
+                                   "--data", str(data), "--out", str(bad_out)])
     assert bad.exit_code != 0 and "neither a registered model nor an existing path" in bad.output
+    assert not bad_out.exists()  # nothing is written before the teacher and data resolve
 
 
 def test_curated_recipes_load_strictly():

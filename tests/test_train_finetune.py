@@ -39,6 +39,30 @@ def _cfg(**kw):
     return from_dict(FinetuneConfig, data, source="test")
 
 
+def test_generalized_dice_loss_matches_reference():
+    from mirage_edge.train.losses import ce_gdice_loss, generalized_dice_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    target[1][target[1] == 2] = 1  # class 2 absent from sample 1 -> gets that sample's largest weight
+    logits = torch.randn(2, 4, 8, 8, generator=g)  # class 3 absent from both samples
+    probs = logits.softmax(1).double()
+    want = []
+    for b in range(2):
+        onehot = torch.nn.functional.one_hot(target[b], 4).permute(2, 0, 1).double()
+        count = onehot.sum((1, 2))
+        w = torch.tensor([1 / c**2 if c > 0 else 0.0 for c in count.tolist()], dtype=torch.float64)
+        w[count == 0] = w.max()
+        num = 2 * (w * (probs[b] * onehot).sum((1, 2))).sum() + 1e-5
+        den = (w * (probs[b] + onehot).sum((1, 2))).sum() + 1e-5
+        want.append(1 - num / den)
+    assert generalized_dice_loss(logits, target).item() == pytest.approx(float(sum(want) / 2), rel=1e-5)
+    perfect = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float() * 50
+    assert generalized_dice_loss(perfect, target).item() < 1e-4
+    total, parts = ce_gdice_loss(logits, target)
+    assert total.item() == pytest.approx(0.5 * parts["ce"].item() + 0.5 * parts["gdice"].item(), rel=1e-6)
+
+
 def test_seg_finetune_from_official_fixture_frozen(layers64, tmp_path, mirage_ref):
     from mirage_edge.models import create_model
     from mirage_edge.models.task import SegmentationModel

@@ -1,30 +1,10 @@
 """`mirage-edge bench` and `mirage-edge demo` (click only at import; heavy work inside the bodies)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
+from mirage_edge.bench.suite import resolve_suite  # noqa: F401  TEMP: a demo started before the move imports it from here
 from mirage_edge.errors import ConfigError
-
-_REPO_SUITES = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
-
-
-def resolve_suite(name_or_path: str) -> Path:
-    """A suite file path, or a name looked up in ./benchmarks/suites and the source checkout's."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"suite file not found: {p}")
-        return p
-    for folder in (Path.cwd() / "benchmarks" / "suites", _REPO_SUITES):
-        cand = folder / f"{name_or_path}.toml"
-        if cand.is_file():
-            return cand
-    known = sorted({q.stem for f in (Path.cwd() / "benchmarks" / "suites", _REPO_SUITES) if f.is_dir()
-                    for q in f.glob("*.toml")})
-    raise ConfigError(f"unknown suite {name_or_path!r}; give a .toml path or one of: {', '.join(known) or 'none found'}")
-
 
 def _ints(values: tuple[str, ...], flag: str) -> list[int]:
     out = []
@@ -92,7 +72,7 @@ def bench_cmd(suite_name: str, out_dir: str | None, root: str | None, data: str 
         sets.append(f"root={_toml_str(root)}")
     if data:
         sets.append(f"data={_toml_str(data)}")
-    result = bench(resolve_suite(suite_name), out_dir=out_dir, overrides=sets, models=_split(models) or None,
+    result = bench(suite_name, out_dir=out_dir, overrides=sets, models=_split(models) or None,
                    backends=_split(backends) or None, precisions=_split(precisions) or None,
                    checkpoints=list(checkpoints), artifacts=list(artifacts), isolate=False if no_isolate else None)
     from mirage_edge.bench.report import print_table

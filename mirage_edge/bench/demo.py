@@ -29,11 +29,11 @@ class DemoPlan:
 
     image_size: int = 512
     n_images: int = 60
-    teacher_epochs: int = 12
+    teacher_epochs: int = 10
     teacher_batch: int = 8
-    stage1_epochs: int = 6
-    stage2_epochs: int = 12
-    qat_epochs: int = 2
+    stage1_epochs: int = 5
+    stage2_epochs: int = 10
+    qat_epochs: int = 1
     distill_batch: int = 8
     student: str = "mobilenetv4_conv_small"
     calib_images: int = 16
@@ -157,7 +157,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
 
     stage(5, "benchmark (synthetic suite)", _complete(bench_dir, "records.json"), bench_dir, bench)
     from mirage_edge.bench.record import read_records
-    from mirage_edge.bench.report import print_table
+    from mirage_edge.bench.report import headline_lines, print_table
 
     if "bench" in result:
         records, paths = result["bench"].records, result["bench"].paths
@@ -168,6 +168,9 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
                  if (bench_dir / f).is_file()}
     seconds = time.perf_counter() - t_all
     print("\n" + print_table(records) + "\n", flush=True)  # unwrapped: the table is wider than a terminal
+    for line in headline_lines(records):
+        if line:
+            say(line.replace("**", ""))
     for name, path in paths.items():
         say(f"{name}: {path}")
     say(f"demo finished in {seconds:.0f} s (" + ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in times.items()) + ")")
@@ -264,7 +267,6 @@ def _load_for_export(src: Path, kind: str) -> Any:
 
 
 def _bench(out: Path, bench_dir: Path, plan: DemoPlan, threads: int, say: Callable[[str], None]) -> Any:
-    from mirage_edge.bench.cli import resolve_suite
     from mirage_edge.bench.run import bench
 
     overrides = [f"root={json.dumps(str(out))}", f"data={json.dumps(str(out / 'data'))}",
@@ -274,7 +276,7 @@ def _bench(out: Path, bench_dir: Path, plan: DemoPlan, threads: int, say: Callab
     if not plan.isolate:
         overrides.append("timing.min_warmup_s=0.0")
     models = ["teacher", "student", "student-qat", *plan.references]
-    return bench(resolve_suite("synthetic"), out_dir=bench_dir, overrides=overrides, models=models, progress=say)
+    return bench("synthetic", out_dir=bench_dir, overrides=overrides, models=models, progress=say)
 
 
 __all__ = ["run_demo", "DemoPlan", "DemoResult"]

@@ -54,7 +54,7 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = None,
-                 input_size: int | None = None) -> Runner:
+                 input_size: int | None = None, device: str = "cpu") -> Runner:
     """A checkpoint folder (trained weights; FP32 or QAT student; a run folder's best/) or a
     registered model name (random weights + a fresh task head of `task_kind` with `num_classes`
     classes, built for `input_size`)."""
@@ -77,7 +77,7 @@ def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = 
 
         spec = _preprocess_from_config(cfg, None)
         return MirageTorchRunner(build, task_kind=kind, classes=classes, spec=spec, weights="trained",
-                                 files=sorted(path.glob("*.safetensors")),
+                                 files=sorted(path.glob("*.safetensors")), device=device,
                                  notes="QAT fake-quant model in PyTorch" if qat else "")
 
     from mirage_edge.models import create_model
@@ -96,7 +96,7 @@ def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = 
         return segmentation_model(encoder, k) if kind == "seg" else classification_model(encoder, k)
 
     return MirageTorchRunner(build_registry, task_kind=kind, classes=[str(i) for i in range(k)], spec=None,
-                             weights="random", notes=f"random weights, {'ConvNeXt seg' if kind == 'seg' else 'linear'}"
+                             weights="random", device=device, notes=f"random weights, {'ConvNeXt seg' if kind == 'seg' else 'linear'}"
                              f" head ({k} classes)")
 
 
@@ -121,7 +121,6 @@ class ArtifactRunner(Runner):
         self.path = Path(path)
         self.meta = read_meta(self.path)  # fails early (no metadata) -> error row at stage "load"
         self.requested = backend
-        self.device = device
         self.precision = self.meta.precision
         self.task_kind = TASK_KIND.get(self.meta.task, "")
         self.classes = list(self.meta.classes)
@@ -134,6 +133,10 @@ class ArtifactRunner(Runner):
         elif backend not in runtimes:
             raise NotApplicable(f"{self.meta.format} artifact cannot run on {backend}")
         self.backend = backend
+        # TensorRT engines run on the GPU (device index from a "cuda:N" suite device); the rest on CPU
+        index = device.split(":")[1] if device.startswith("cuda:") else "0"
+        self.device = f"cuda:{index}" if backend == "tensorrt" else "cpu"
+        self._runtime_device = index if backend == "tensorrt" else None
         q = self.meta.quantization
         self.notes = f"{self.meta.format} artifact" + (f", {q.method}" if q else "")
         self.predictor: Any = None
@@ -144,7 +147,7 @@ class ArtifactRunner(Runner):
 
         self.close()
         self.predictor = Predictor.load(self.path, backend=self.backend, threads=threads,
-                                        device=None if self.device == "cpu" else self.device)
+                                        device=self._runtime_device)
         self.backend = self.predictor.backend
 
     def infer(self, x: np.ndarray) -> np.ndarray:

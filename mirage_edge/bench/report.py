@@ -54,6 +54,15 @@ def _speedup(a: BenchRecord | None, b: BenchRecord | None) -> float | None:
     return b.latency_median_ms / a.latency_median_ms
 
 
+def _faster(a: BenchRecord | None, b: BenchRecord | None, bold: bool = False) -> str:
+    """'12.3x faster' / '1.4x slower': row a against row b (median latency)."""
+    x = _speedup(a, b)
+    if x is None:
+        return "– vs"
+    text = f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
+    return f"**{text}**" if bold else text
+
+
 def _fastest(rows: list[BenchRecord]) -> BenchRecord | None:
     rows = [r for r in rows if r.ok and r.latency_median_ms is not None]
     return min(rows, key=lambda r: r.latency_median_ms) if rows else None  # type: ignore[arg-type,return-value]
@@ -86,25 +95,25 @@ def headline(records: list[BenchRecord]) -> dict[str, Any]:
     return out
 
 
-def _headline_md(records: list[BenchRecord]) -> list[str]:
+def headline_lines(records: list[BenchRecord]) -> list[str]:
     lines: list[str] = []
     for task, h in headline(records).items():
         t, e, s = h["teacher"], h["teacher_exported"], h["student"]
         lines.append(f"### Task `{task or '(latency only)'}` — batch {h['batch']}, {h['size']}x{h['size']}, "
                      f"{h['threads']} threads")
         if t:
-            lines.append(f"- Teacher {t.label}: **{_ms(t.latency_median_ms)} ms** median"
+            lines.append(f"- Teacher, {t.label}: **{_ms(t.latency_median_ms)} ms** median"
                          + (f", {t.primary_metric} {_f(t.primary_value, 4)}" if t.primary_value is not None else ""))
         if e:
-            lines.append(f"- Best exported teacher form: {e.label}: {_ms(e.latency_median_ms)} ms "
-                         f"({_f(_speedup(e, t), 1)}x faster than {t.label if t else 'the teacher'})")
+            lines.append(f"- Best exported teacher form, {e.label}: {_ms(e.latency_median_ms)} ms "
+                         f"({_faster(e, t)} than {t.label if t else 'the teacher'})")
         if s:
             lines.append(f"- Best INT8 student ({h['student_rule']}): **{s.label}: {_ms(s.latency_median_ms)} ms**")
             if t:
-                lines.append(f"  - {_f(_speedup(s, t), 1)}x faster than the teacher row ({t.label})")
+                lines.append(f"  - {_faster(s, t)} than the teacher row ({t.label})")
             for name, ref in h["references"].items():
                 rw = " (random weights)" if ref.weights == "random" else ""
-                lines.append(f"  - **{_f(_speedup(s, ref), 1)}x** faster than `{name}` PyTorch FP32{rw} "
+                lines.append(f"  - {_faster(s, ref, bold=True)} than `{name}` PyTorch FP32{rw} "
                              f"({_ms(ref.latency_median_ms)} ms)")
             if s.metric_retention is not None:
                 lines.append(f"  - keeps **{100 * s.metric_retention:.1f}%** of the teacher's {s.primary_metric} "
@@ -173,7 +182,7 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
               "- Rows with random weights (reference sizes without official weights) are latency-only.",
               "- `latency / teacher`: this row's median / the teacher PyTorch FP32 median for the same task, "
               "threads, batch and input size, measured in this run.", ""]
-    lines += ["## Headline", ""] + _headline_md(records)
+    lines += ["## Headline", ""] + headline_lines(records)
     ran = [r for r in records if r.status == "ok"]
     for task in dict.fromkeys(r.task for r in ran):
         rows = [r for r in ran if r.task == task]
@@ -287,9 +296,12 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
 def write_report(records: list[BenchRecord], hw: HardwareInfo, out_dir: str | Path, *,
                  suite: Any = None) -> dict[str, Path]:
     """Write `report.md` and `pareto.png` (when some row has a metric) into `out_dir`."""
+    from mirage_edge._deps import has
+
     out = Path(out_dir)
     paths: dict[str, Path] = {}
-    png = plot_pareto(records, out / "pareto.png")
+    # a device with only a runtime installed still gets records and the markdown report
+    png = plot_pareto(records, out / "pareto.png") if has("matplotlib") else None
     if png is not None:
         paths["plot"] = png
     paths["report"] = out / "report.md"
@@ -316,5 +328,5 @@ def print_table(records: list[BenchRecord]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-__all__ = ["render_markdown", "plot_pareto", "pareto_front", "write_report", "headline", "teacher_rows",
+__all__ = ["render_markdown", "plot_pareto", "pareto_front", "write_report", "headline", "headline_lines", "teacher_rows",
            "latency_ratio", "print_table"]

@@ -99,8 +99,9 @@ class TorchRunner(Runner):
 
     def __init__(self, build: Callable[[], Any], *, task_kind: str = "", classes: list[str] | None = None,
                  spec: Any = None, weights: str = "trained", files: list[Path] | None = None,
-                 input_size: tuple[int, int] | None = None, notes: str = "") -> None:
+                 input_size: tuple[int, int] | None = None, notes: str = "", device: str = "cpu") -> None:
         self._build = build
+        self.device = device
         self.task_kind = task_kind
         self.classes = list(classes or [])
         self._spec = spec
@@ -115,16 +116,17 @@ class TorchRunner(Runner):
 
         torch.set_num_threads(threads)
         self.close()
-        self.module = self._build().eval()
+        self.module = self._build().eval().to(self.device)
 
     def infer(self, x: np.ndarray) -> np.ndarray:
+        """Host array in, host array out: on CUDA the copies (and the implied synchronisation) are timed."""
         import torch
 
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(x))
+            out = self.module(torch.from_numpy(x).to(self.device))
         if isinstance(out, dict):  # some heads return {"logits": ...}
             out = out.get("logits", next(iter(out.values())))
-        return out.float().numpy()
+        return out.float().cpu().numpy()
 
     def preprocess_spec(self) -> Any:
         return self._spec
@@ -158,7 +160,8 @@ def torch_gflops(module: Any, height: int, width: int) -> float | None:
     for m in switched:
         m.fused_attn = False
     try:
-        x = torch.zeros(1, 1, height, width)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        x = torch.zeros(1, 1, height, width, device=device)
         with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             module(x)
         return counter.get_total_flops() / 1e9

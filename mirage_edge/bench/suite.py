@@ -120,9 +120,29 @@ class BenchSuite:
                 raise ValueError(f"model {m.label!r} names unknown task(s) {unknown}; suite tasks: {names}")
 
 
+_REPO_SUITES = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
+
+
+def resolve_suite(name_or_path: str | Path) -> Path:
+    """A suite file path, or a name looked up in ./benchmarks/suites and the source checkout's."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"suite file not found: {p}")
+        return p
+    folders = (Path.cwd() / "benchmarks" / "suites", _REPO_SUITES)
+    for folder in folders:
+        if (folder / f"{p.name}.toml").is_file():
+            return folder / f"{p.name}.toml"
+    known = sorted({q.stem for f in folders if f.is_dir() for q in f.glob("*.toml")})
+    raise ConfigError(f"unknown suite {str(name_or_path)!r}; give a .toml path or one of: "
+                      f"{', '.join(known) or 'none found'}")
+
+
 def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BenchSuite:
-    """Read a suite TOML strictly (unknown keys / wrong types -> ConfigError naming key and file)."""
-    return _config.load(BenchSuite, path, overrides)
+    """Read a suite (path or name, see `resolve_suite`) strictly: unknown keys / wrong types ->
+    ConfigError naming key and file."""
+    return _config.load(BenchSuite, resolve_suite(path), overrides)
 
 
 def expand(text: str, suite: BenchSuite, task: str = "") -> str:
@@ -198,5 +218,5 @@ def allowed_backends(form: Form, backends: list[str] | None) -> set[str] | None:
     return allowed
 
 
-__all__ = ["BenchSuite", "TimingConfig", "TaskSpec", "SynthSpec", "ModelSpec", "Form", "load_suite", "plan_forms",
+__all__ = ["BenchSuite", "TimingConfig", "TaskSpec", "SynthSpec", "ModelSpec", "Form", "load_suite", "resolve_suite", "plan_forms",
            "expand", "allowed_backends", "BACKENDS", "PRECISIONS"]

@@ -48,7 +48,7 @@ def make_runner(form: dict[str, Any]) -> Any:
         from mirage_edge.bench.loaders import torch_runner
 
         return torch_runner(source, task_kind=task.get("kind", ""), num_classes=form.get("num_classes"),
-                            input_size=form.get("input_size"))
+                            input_size=form.get("input_size"), device=form.get("device", "cpu"))
     if kind == "artifact":
         from mirage_edge.bench.loaders import artifact_runner
 
@@ -82,7 +82,7 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
         return []  # e.g. an OpenVINO IR when only onnxruntime was asked for
     except Exception as exc:  # noqa: BLE001 - every failure must become a row
         return [error_row("load", exc, threads=tm["threads"][0])]
-    base.update(backend=runner.backend, precision=runner.precision, weights=runner.weights,
+    base.update(backend=runner.backend, precision=runner.precision, weights=runner.weights, device=runner.device,
                 notes="; ".join(n for n in (base.get("notes", ""), runner.notes) if n))
     allowed, precisions = spec.get("allowed_backends"), spec.get("allowed_precisions")
     if (allowed is not None and runner.backend not in allowed) or (precisions and runner.precision not in precisions):
@@ -92,6 +92,7 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
                           threads=tm["threads"][0])]
 
     records: list[BenchRecord] = []
+    flops: dict[int, float | None] = {}  # per input size, counted once per form
     for threads in tm["threads"]:
         _timing.reset_peak_rss()
         t0 = time.perf_counter()
@@ -122,9 +123,12 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 _time_row(runner, rec, tm, batch, size)
         try:
             size_mb, params = runner.file_size_mb(), runner.params_m()
-            flops = {s: runner.gflops(s, s) for s in tm["input_sizes"]}
+            for s in tm["input_sizes"]:
+                if s not in flops:
+                    runner.set_input_size(s, s)
+                    flops[s] = runner.gflops(s, s)
         except Exception:  # noqa: BLE001 - descriptive numbers must not fail a row
-            size_mb, params, flops = None, None, {}
+            size_mb, params = None, None
         for rec in rows:
             rec.file_size_mb, rec.params_m, rec.gflops = size_mb, params, flops.get(rec.input_h)
         records.extend(rows)

@@ -229,13 +229,14 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             log: Log | None = None) -> DistillResult:
     """Run the recipe end to end (see module docstring); returns paths and the test report."""
     log = log or (lambda m: print(m, flush=True))
-    out = _prepare_out(recipe, resume, overwrite)
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     torch.manual_seed(recipe.run.seed)
     t_start = time.perf_counter()
+    # resolve teacher and data first: a bad --teacher / --data must not leave an output folder behind
     teacher = _teacher(recipe, log)
     train, val, test = _datasets(recipe, teacher)
+    out = _prepare_out(recipe, resume, overwrite)
     task = train.task if train.task in ("segmentation", "classification") and recipe.data.task != "none" else None
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
         f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
