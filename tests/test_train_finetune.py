@@ -145,6 +145,7 @@ def test_seg_resume_auto_continues_to_same_end(layers64, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~3 CPU-minutes; more wall time on a shared machine
 def test_seg_tiny_reaches_dice(tmp_path):
     """Acceptance: a tiny MIRAGE (dim 96, 2 blocks, 8 px patches) fine-tuned on synthetic `layers` at
     128 px reaches a mean test Dice >= 0.80 over the retinal layers (background not scored)."""
