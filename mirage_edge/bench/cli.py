@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from mirage_edge.bench.suite import resolve_suite  # noqa: F401  TEMP: a demo started before the move imports it from here
 from mirage_edge.errors import ConfigError
 
 def _ints(values: tuple[str, ...], flag: str) -> list[int]:

@@ -224,7 +224,12 @@ def _qat_dir(distill_dir: Path) -> Path | None:
 
 def _export_jobs(out: Path, teacher: Path, distill_dir: Path, plan: DemoPlan) -> list[dict[str, Any]]:
     """What to export: the teacher (FP32, PTQ INT8), the FP32 student (FP32, PTQ INT8) and the QAT
-    student (INT8 from its Q/DQ graph), as the plan says."""
+    student (INT8 from its Q/DQ graph), as the plan says.
+
+    OpenVINO INT8 artifacts let the CPU plugin pick the precision of the ops that stay in float (bf16
+    on CPUs with avx512_bf16/AMX: 1.3-1.5x faster than f32 here, parity still checked at export);
+    OpenVINO FP32 artifacts are pinned to f32 so that "fp32" means fp32.
+    """
     qat = _qat_dir(distill_dir) or distill_dir / "student-qat"
     sources = (("teacher", teacher, "checkpoint", plan.export_teacher),
                ("student", distill_dir / "student", "student", plan.export_student),
@@ -233,24 +238,36 @@ def _export_jobs(out: Path, teacher: Path, distill_dir: Path, plan: DemoPlan) ->
     for name, src, kind, combo in sources:
         if not combo:
             continue
-        formats, precisions = list(combo[0]), list(combo[1])
         dest = out / "export" / name
-        jobs.append(dict(name=name, src=src, kind=kind, out=dest, formats=formats, precisions=precisions,
-                         artifacts=[dest / f"{f}-{p}" for f in formats for p in precisions], calib=plan.calib_images))
+        groups = []  # (formats, precisions, OpenVINO inference precision)
+        for fmt in combo[0]:
+            if fmt == "openvino":
+                groups += [([fmt], [p], "default" if p == "int8" else "f32") for p in combo[1]]
+            else:
+                groups.append(([fmt], list(combo[1]), "f32"))
+        for formats, precisions, ov_precision in groups:
+            jobs.append(dict(name=f"{name} {formats[0]} {'/'.join(precisions)}", src=src, kind=kind, out=dest,
+                             formats=formats, precisions=precisions, ov_precision=ov_precision,
+                             artifacts=[dest / f"{formats[0]}-{p}" for p in precisions], calib=plan.calib_images))
     return jobs
 
 
 def _export(jobs: list[dict[str, Any]], data: Path, say: Callable[[str], None]) -> None:
     from mirage_edge.export.api import export_model
-    from mirage_edge.export.target import ExportTarget, QuantConfig
+    from mirage_edge.export.target import ExportTarget, OpenVinoConfig, QuantConfig
 
+    models: dict[str, Any] = {}
     for job in jobs:
         t0 = time.perf_counter()
-        model = _load_for_export(job["src"], job["kind"])
-        target = ExportTarget(name=f"demo-{job['name']}", formats=job["formats"], precisions=job["precisions"],
-                              quantization=QuantConfig(calib_images=job["calib"]))
+        key = str(job["src"])
+        if key not in models:
+            models = {key: _load_for_export(job["src"], job["kind"])}  # keep one model in memory
+        target = ExportTarget(name=f"demo-{job['name'].replace(' ', '-').replace('/', '-')}", formats=job["formats"],
+                              precisions=job["precisions"], quantization=QuantConfig(calib_images=job["calib"]),
+                              openvino=OpenVinoConfig(inference_precision=job["ov_precision"]))
         try:
-            export_model(model, job["out"], target, calib=data, name=job["name"], log=lambda m: say(f"  {m}"))
+            export_model(models[key], job["out"], target, calib=data, name=job["name"].split(" ")[0],
+                         log=lambda m: say(f"  {m}"))
         except MirageEdgeError as exc:  # one failed artifact (e.g. PTQ parity) must not stop the demo
             say(f"  {job['name']}: export failed: {exc}")
         say(f"  {job['name']}: {time.perf_counter() - t0:.0f} s")

@@ -120,6 +120,7 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
         t0 = time.perf_counter()
         say(f"[{i + 1}/{len(forms)}] {form.model.label} ({form.kind}: {form.source})")
         pred_path = work / f"preds_{i:03d}_{_slug(form.model.label)}.npz"
+        pred_path.unlink(missing_ok=True)  # never join a previous run's predictions
         spec = {
             "form": {"model": form.model.label, "role": form.model.role, "kind": form.kind, "source": form.source,
                      "backend": form.backend, "problem": form.problem, "device": tm.device,
