@@ -55,7 +55,8 @@ class SpatialOutputAdapter(nn.Module):
         total = layout[-1][2]
         # Full-length sequence: visible tokens back at their index, mask tokens elsewhere.
         idx = ids_keep.unsqueeze(-1).expand(-1, -1, dim)
-        seq = self.mask_token.expand(b, total, dim).scatter(1, idx, z_vis)
+        # Under autocast z is bf16/fp16 while the mask token parameter stays fp32: scatter needs one dtype.
+        seq = self.mask_token.to(z.dtype).expand(b, total, dim).scatter(1, idx, z_vis)
         # Every input block gets its task embedding + this decoder's (target-grid) positions.
         pos = self.pos_emb.flatten(2).transpose(1, 2)  # 1 x (gh*gw) x Dd
         seq = seq + torch.cat([self.task_embeddings[name] + pos for name, _, _ in layout], dim=1)

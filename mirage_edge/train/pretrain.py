@@ -36,14 +36,10 @@ class MaskedAutoencoder(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], generator: torch.Generator | None = None):
         from mirage_edge.models.losses import masked_loss
 
-        # = mirage.forward_masked, but the (small) decoders run in fp32 outside autocast: under bf16
-        # autocast the decoder's scatter of fp32 mask tokens with bf16 tokens fails (dtype mismatch)
-        enc = self.mirage.encode_masked(inputs, num_encoded_tokens=self.num_encoded_tokens,
-                                        alphas=self.alpha, generator=generator)
-        tokens = enc.tokens.float()
-        with torch.autocast(device_type=tokens.device.type, enabled=False):
-            preds = {t: dec(tokens, enc.ids_keep, enc.layout) for t, dec in self.mirage.output_adapters.items()}
-        masks = enc.masks
+        preds, masks = self.mirage.forward_masked(inputs, num_encoded_tokens=self.num_encoded_tokens,
+                                                  alphas=self.alpha, generator=generator)
+        # The loss in fp32: masked means over few pixels lose precision in bf16.
+        preds = {m: p.float() for m, p in preds.items()}
         _, parts = masked_loss(preds, inputs, masks, self.mirage.cfg)
         total = sum(self.loss_weights.get(m, 1.0) * v for m, v in parts.items())
         return total, parts
