@@ -186,6 +186,30 @@ def test_fp16_and_seg_argmax(tmp_path):
     assert masks.shape == (2, SIZE, SIZE) and masks.dtype == np.int64
 
 
+def test_seg_mask_stride_argmax_at_lower_resolution(tmp_path):
+    import torch
+
+    from mirage_edge.export import export_model
+    from test_export_support import mirage_seg
+
+    model = mirage_seg()
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        full = model.forward_mask(x)
+        coarse = model.forward_mask(x, 2)
+        gh, gw = model.encoder.token_grid(SIZE, SIZE)
+        tokens = model.encoder.forward_features(x)[:, : gh * gw]
+        half = model.head(tokens, (gh, gw), (SIZE // 2, SIZE // 2)).argmax(1)
+    assert torch.equal(full, model(x).argmax(1))
+    assert coarse.shape == full.shape and torch.equal(coarse[:, ::2, ::2], half) and torch.equal(coarse[:, 1::2, 1::2], half)
+    (d,) = export_model(model, tmp_path / "s2", target(formats=["onnx"], precisions=["fp32"], seg_argmax=True,
+                                                       seg_mask_stride=2, exporter="torchscript",
+                                                       validation={"n_inputs": 4}))
+    meta = load_verified_meta(d)
+    assert meta.outputs[0].name == "mask" and meta.parity["pixel_agreement"] >= 0.999
+    assert _ort(d / "model.onnx", x.numpy()).shape == (2, SIZE, SIZE)
+
+
 def test_calibration_folder_with_labels(tmp_path):
     from mirage_edge.data.io import write_png
     from mirage_edge.export import export_model

@@ -110,6 +110,9 @@ class ExportTarget:
     dynamic_hw: bool = False
     # segmentation: put argmax in the graph (output "mask", B x H x W int64) instead of logits
     seg_argmax: bool = False
+    # with seg_argmax: take the argmax at H/stride x W/stride and repeat each label stride x stride
+    # (SegmentationModel.forward_mask); 1 = argmax of full-size logits. Validation measures the cost.
+    seg_mask_stride: int = 1
     opset: int = 18
     simplify: bool = True
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"

@@ -24,14 +24,21 @@ class ExportWrapper(nn.Module):
     `argmax` adds a class-index output (B x H x W int64) for segmentation.
     """
 
-    def __init__(self, model: nn.Module, mode: str, modalities: list[str], argmax: bool = False) -> None:
+    def __init__(self, model: nn.Module, mode: str, modalities: list[str], argmax: bool = False,
+                 mask_stride: int = 1) -> None:
         super().__init__()
         self.model = model
         self.mode = mode
         self.modalities = list(modalities)
         self.argmax = argmax
+        self.mask_stride = mask_stride
+        if mask_stride > 1 and not hasattr(model, "forward_mask"):
+            raise ExportError(f"seg_mask_stride={mask_stride} needs a SegmentationModel (forward_mask); "
+                              f"{type(model).__name__} has none")
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if self.argmax and self.mask_stride > 1:
+            return self.model.forward_mask(xs[0], self.mask_stride)
         if self.mode == "features_dict":
             out = self.model.forward_features(dict(zip(self.modalities, xs)))
         elif self.mode == "features":
@@ -212,7 +219,8 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
     if argmax:
         out_shape = [out_shape[0], *out_shape[2:]]
     return ExportPlan(
-        wrapper=ExportWrapper(model, mode, modalities, argmax=argmax),
+        wrapper=ExportWrapper(model, mode, modalities, argmax=argmax,
+                              mask_stride=target.seg_mask_stride if argmax else 1),
         task=task, modalities=modalities, input_sizes=sizes, classes=names, output_kind=kind,
         output_shape=out_shape, fake_quantized=fake_quant_kind(model), has_attention=has_attention(model),
     )
