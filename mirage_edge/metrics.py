@@ -211,4 +211,23 @@ def segmentation_metrics(pred: Sequence[np.ndarray] | np.ndarray, target: Sequen
     return result
 
 
-__all__ = ["classification_metrics", "segmentation_metrics", "hd95"]
+def mask_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int | None = None, background: int = 0) -> float:
+    """Agreement of two label maps (any shape, e.g. N x H x W): mean Dice over the foreground classes
+    present in either, pooled over all pixels (1.0 if none present). Used for student-vs-teacher and
+    artifact-vs-torch agreement; `segmentation_metrics` is the per-volume benchmark metric."""
+    pred = np.asarray(pred).astype(np.int64)
+    ref = np.asarray(ref).astype(np.int64)
+    n = int(n_classes or max(int(pred.max(initial=0)), int(ref.max(initial=0))) + 1)
+    scores = []
+    for c in range(n):
+        if c == background:
+            continue
+        p, r = pred == c, ref == c
+        denom = int(p.sum() + r.sum())
+        if denom == 0:
+            continue
+        scores.append(2.0 * float(np.logical_and(p, r).sum()) / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+__all__ = ["classification_metrics", "segmentation_metrics", "hd95", "mask_dice"]

@@ -15,6 +15,7 @@ import numpy as np
 
 from mirage_edge.bench.record import CLS_METRICS, PRIMARY_METRIC, SEG_METRICS
 from mirage_edge.errors import DataError
+from mirage_edge.metrics import mask_dice
 
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ def score(data: TaskData, preds: list[np.ndarray] | np.ndarray) -> dict[str, flo
     return out
 
 
-def agreement(kind: str, preds: Any, teacher: Any, num_classes: int) -> float:
+def agreement(kind: str, preds: Any, teacher: Any) -> float:
     """How often the row agrees with the teacher on the same samples.
 
     cls: fraction with the same top-1 class. seg: mean over foreground classes (present in either)
@@ -134,15 +135,7 @@ def agreement(kind: str, preds: Any, teacher: Any, num_classes: int) -> float:
     if kind == "cls":
         a, b = np.asarray(preds).argmax(1), np.asarray(teacher).argmax(1)
         return float((a == b).mean())
-    a = np.concatenate([np.ravel(p) for p in preds])
-    b = np.concatenate([np.ravel(t) for t in teacher])
-    dices = []
-    for c in range(1, max(num_classes, int(max(a.max(), b.max())) + 1)):
-        pa, pb = a == c, b == c
-        denom = pa.sum() + pb.sum()
-        if denom:
-            dices.append(2.0 * np.logical_and(pa, pb).sum() / denom)
-    return float(np.mean(dices)) if dices else 1.0
+    return mask_dice(np.concatenate([np.ravel(p) for p in preds]), np.concatenate([np.ravel(t) for t in teacher]))
 
 
 def save_preds(path: str | Path, kind: str, preds: Any) -> None:

@@ -235,8 +235,7 @@ def _join_teacher(records: list[BenchRecord], preds: dict[int, Path]) -> None:
             r.metric_retention = r.primary_value / t_rec.primary_value
         mine, theirs = load(form, r.task_kind), load(t_form, r.task_kind)
         if mine is not None and theirs is not None and len(mine) == len(theirs):
-            num_classes = len(theirs[0]) if r.task_kind == "cls" else 0
-            r.teacher_agreement = accuracy.agreement(r.task_kind, mine, theirs, num_classes)
+            r.teacher_agreement = accuracy.agreement(r.task_kind, mine, theirs)
 
 
 def _fill_descriptive(records: list[BenchRecord]) -> None:

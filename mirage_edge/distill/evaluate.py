@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mirage_edge.distill.data import DistillSamples, collate
+from mirage_edge.metrics import mask_dice
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,25 +66,10 @@ def headline(task: str, m: dict[str, float]) -> tuple[str, float]:
     return cand[0], m[cand[0]]
 
 
-def prediction_dice(student_pred: np.ndarray, teacher_pred: np.ndarray, num_classes: int,
-                    background: int = 0) -> float:
-    """Mean Dice over foreground classes between two N x H x W label maps (classes absent in both skipped)."""
-    scores = []
-    for c in range(num_classes):
-        if c == background:
-            continue
-        a, b = student_pred == c, teacher_pred == c
-        denom = a.sum() + b.sum()
-        if denom == 0:
-            continue
-        scores.append(2.0 * np.logical_and(a, b).sum() / denom)
-    return float(np.mean(scores)) if scores else 1.0
-
-
 def agreement(task: str, student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
     s, t = student_logits.argmax(1), teacher_logits.argmax(1)
     if task == "segmentation":
-        return {"pred_dice_vs_teacher": prediction_dice(s, t, student_logits.shape[1]),
+        return {"pred_dice_vs_teacher": mask_dice(s, t, student_logits.shape[1]),
                 "pixel_agreement": float((s == t).mean())}
     return {"top1_agreement": float((s == t).mean())}
 
@@ -102,4 +88,4 @@ def feature_cosine(ds: DistillSamples, student_tokens: Predict, teacher: Any, ba
     return total / max(n, 1)
 
 
-__all__ = ["collect", "task_metrics", "headline", "agreement", "prediction_dice", "feature_cosine", "batches"]
+__all__ = ["collect", "task_metrics", "headline", "agreement", "feature_cosine", "batches"]

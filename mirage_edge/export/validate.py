@@ -12,6 +12,7 @@ import numpy as np
 
 from mirage_edge.errors import ValidationError
 from mirage_edge.export.target import ValidationConfig
+from mirage_edge.metrics import mask_dice
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,23 +35,6 @@ def min_row_cosine(a: np.ndarray, b: np.ndarray) -> float:
     num = (a * b).sum(1)
     cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
     return float(cos.min())
-
-
-def mask_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int | None = None, background: int = 0) -> float:
-    """Mean Dice over foreground classes present in either mask (1.0 if none present)."""
-    pred = np.asarray(pred).astype(np.int64)
-    ref = np.asarray(ref).astype(np.int64)
-    n = int(n_classes or max(int(pred.max(initial=0)), int(ref.max(initial=0))) + 1)
-    scores = []
-    for c in range(n):
-        if c == background:
-            continue
-        p, r = pred == c, ref == c
-        denom = int(p.sum() + r.sum())
-        if denom == 0:
-            continue
-        scores.append(2.0 * float(np.logical_and(p, r).sum()) / denom)
-    return float(np.mean(scores)) if scores else 1.0
 
 
 def parity_numbers(task: str, output_kind: str, ref: np.ndarray, got: np.ndarray,
