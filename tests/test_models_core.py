@@ -239,3 +239,15 @@ def test_masking_alphas_and_per_modality_sizes():
     m = create_model("mirage-tiny", device="meta", input_size={"bscan": [64, 96], "slo": [64, 96],
                                                                 "bscanlayermap": [16, 24]})
     assert m.cfg.grid("bscanlayermap") == (2, 3) and m.input_adapters["bscan"].pos_emb.shape[-2:] == (2, 3)
+
+
+def test_partial_per_modality_override_updates_the_size_table():
+    from mirage_edge.errors import ConfigError
+    from mirage_edge.models import create_model
+
+    enc = create_model("mirage-tiny", input_size=128, in_domains=["bscan"], out_domains=[],
+                       patch_size={"bscan": [16, 16]})
+    assert enc.cfg.patch_size["bscan"] == [16, 16] and enc.token_grid(128, 128) == (8, 8)
+    assert enc.cfg.patch_size["slo"] == create_model("mirage-tiny", device="meta").cfg.patch_size["slo"]
+    with pytest.raises(ConfigError, match="same token grid"):
+        create_model("mirage-tiny", input_size=128, patch_size={"bscan": [16, 16]})

@@ -139,9 +139,11 @@ class MirageConfig:
         for m in sizes:
             if m in IMAGE_MODALITIES:
                 sizes[m] = [h, w]
-            else:
+            elif m in self.patch_size:
                 p = self.patch_size[m]
                 sizes[m] = [gh * p[0], gw * p[1]]
+            else:
+                raise ValueError(f"patch_size has no entry for {m!r} (input_size has one)")
         return dataclasses.replace(self, input_size=sizes, grid_size=None, pos_grid=self.pos_grid)
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,7 +242,11 @@ def size_config(name: str, **overrides: Any) -> MirageConfig:
     if bad:
         raise ConfigError(f"unknown MIRAGE option(s) {bad} for {name!r} (allowed: {sorted(fields)})")
     try:
-        cfg = MirageConfig(**{**SIZES[name], **overrides})
+        # A partial per-modality dict (e.g. patch_size={"bscan": [16, 16]}) updates the size's own table.
+        base = MirageConfig(**SIZES[name])
+        merged = {k: {**getattr(base, k), **v} if isinstance(v, dict) and isinstance(getattr(base, k), dict) else v
+                  for k, v in overrides.items()}
+        cfg = MirageConfig(**{**SIZES[name], **merged})
         if size is not None:
             cfg = cfg.with_input_size(size)
     except (ValueError, TypeError) as exc:
