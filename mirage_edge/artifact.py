@@ -39,8 +39,8 @@ class TensorSpec:
 
     `shape` holds ints for fixed axes and names (e.g. "batch") for dynamic ones; `dynamic_axes`
     maps axis index (as a string, JSON keys) to that name. `kind` says what an output means:
-    "logits" (classification B x K or segmentation B x K x H x W), "mask" (B x H x W int64
-    class indices, argmax in the graph), "features" (B x N x D tokens or B x C x h x w maps),
+    "logits" (classification B x K or segmentation B x K x H x W), "mask" (B x H x W class
+    indices, argmax in the graph; uint8, int64 beyond 256 classes), "features" (B x N x D tokens or B x C x h x w maps),
     "image" for inputs.
     """
 

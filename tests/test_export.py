@@ -180,10 +180,10 @@ def test_fp16_and_seg_argmax(tmp_path):
                                                                   seg_argmax=True, exporter="torchscript",
                                                                   validation={"n_inputs": 4}))
     meta = load_verified_meta(d)
-    assert meta.outputs[0].name == "mask" and meta.outputs[0].dtype == "int64"
+    assert meta.outputs[0].name == "mask" and meta.outputs[0].dtype == "uint8"
     assert meta.parity["pixel_agreement"] >= 0.999
     masks = Predictor.load(d).predict(np.random.default_rng(0).integers(0, 255, (2, 80, 70), dtype=np.uint8))
-    assert masks.shape == (2, SIZE, SIZE) and masks.dtype == np.int64
+    assert masks.shape == (2, SIZE, SIZE) and masks.dtype == np.uint8
 
 
 def test_seg_mask_stride_argmax_at_lower_resolution(tmp_path):

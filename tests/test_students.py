@@ -9,12 +9,13 @@ from mirage_edge.models import create_model, list_models
 from mirage_edge.models.students import ALIASES, STUDENTS, build_student
 
 torch.set_num_threads(2)
-SUPPORTED = ["mobilenetv4_conv_small", "vit_tiny_patch32", "repvit_m0_9", "mobileone_s0", "student-tiny"]
+SUPPORTED = ["mobilenetv4_conv_small", "vit_tiny_patch32", "repvit_m0_9", "resnet18", "student-tiny"]
+REGISTERED = [*SUPPORTED, "mobileone_s0"]  # registered, not a supported student (distill/README.md)
 
 
 def test_registered_under_timm_names_and_aliases():
     names = set(list_models())
-    for n in SUPPORTED:
+    for n in REGISTERED:
         assert n in names
     for alias in ALIASES:
         assert alias in names
@@ -22,7 +23,7 @@ def test_registered_under_timm_names_and_aliases():
         create_model("mobilenetv4_conv_smal")
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_encoder_protocol_stride32(name):
     m = create_model(name, img_size=64).eval()
     x = torch.rand(2, 1, 64, 64)
@@ -103,6 +104,34 @@ def test_projected_student_round_trip(tmp_path):
     back = create_model("mirage", checkpoint=tmp_path / "p").eval()
     with torch.no_grad():
         torch.testing.assert_close(back.forward_features(x), tokens)
+
+
+def test_resnet18_student_qat_exports_to_qdq_onnx(tmp_path):
+    """The fourth family: a drop-in segmentation student quantizes with NNCF and its Q/DQ ONNX graph
+    runs in ONNX Runtime like the fake-quant torch model (tiny input, random weights)."""
+    pytest.importorskip("nncf")
+    pytest.importorskip("onnxruntime")
+    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.distill.qat import export_qdq_onnx, ort_predict, ort_session, prepare_qat
+    from mirage_edge.distill.recipe import QATSpec
+    from mirage_edge.models.task import segmentation_model
+
+    torch.manual_seed(0)
+    proj = ProjectedStudent(build_student("resnet-18", img_size=64), teacher_dim=32, teacher_grid=(4, 4),
+                            num_global_tokens=1, layer_map={})
+    seg = segmentation_model(proj, 3, preds_per_patch=16, class_dim=8, depth=1).eval()
+    assert proj.student.stage_info[-1] == (512, 32)
+    calib = [torch.rand(2, 1, 64, 64) for _ in range(2)]
+    q, info = prepare_qat(seg, calib, QATSpec(enabled=True, subset_size=4))
+    assert info["num_quantizers"] > 20
+    counts = export_qdq_onnx(q, tmp_path / "r18.onnx", torch.zeros(1, 1, 64, 64))
+    assert counts["QuantizeLinear"] > 20
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = q(x)
+    got = next(ort_predict(ort_session(tmp_path / "r18.onnx", 1), [x]))
+    assert got.shape == ref.shape == (2, 3, 64, 64)
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.97
 
 
 def test_student_table_has_cpu_evidence():

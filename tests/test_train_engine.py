@@ -60,7 +60,7 @@ def toy_loss(model, batch):
 
 
 def make_trainer(run_dir, *, batch_size=8, epochs=3, checkpoint_every=0, grad_accum=1, max_steps=0,
-                 evaluate=None, patience=0, dropout=True):
+                 evaluate=None, patience=0, dropout=True, patience_start_epoch=0):
     from mirage_edge.train.config import LoopConfig
     from mirage_edge.train.engine import Trainer
     from mirage_edge.train.optim import CosineSchedule, build_adamw
@@ -71,7 +71,8 @@ def make_trainer(run_dir, *, batch_size=8, epochs=3, checkpoint_every=0, grad_ac
         model.drop.p = 0.0
     loop = LoopConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, log_every=2, seed=3,
                       checkpoint_every=checkpoint_every, keep_checkpoints=10, max_steps=max_steps,
-                      progress=False, clip_grad=1.0, patience=patience, min_delta=0.0)
+                      progress=False, clip_grad=1.0, patience=patience, min_delta=0.0,
+                      patience_start_epoch=patience_start_epoch)
     opt = build_adamw(model, lr=3e-2, weight_decay=0.05, layer_decay=0.8)
     data = ToySet()
     from mirage_edge.train.engine import steps_per_epoch
@@ -196,6 +197,32 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["event"] for r in lines} >= {"train", "eval", "summary"}
     assert all("loss" in r for r in lines if r["event"] == "train")
+
+
+def test_patience_counts_only_after_patience_start_epoch(tmp_path):
+    """The official MIRAGE rule: bad evaluations count towards patience from epoch `start` (0-based) on;
+    an improvement before that still updates best/."""
+    from mirage_edge.train.config import LoopConfig
+
+    values = [1.0, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+
+    def run(name, start):
+        calls = []
+
+        def evaluate(model):
+            calls.append(1)
+            return {"neg_mse": values[len(calls) - 1]}
+
+        return make_trainer(tmp_path / name, epochs=7, evaluate=evaluate, patience=2,
+                            patience_start_epoch=start).fit()
+
+    plain = run("plain", 0)  # epochs 2, 3 are bad -> stop after 3
+    assert plain.stopped_early and plain.epochs_done == 3
+    late = run("late", 3)    # epochs 2, 3 not counted (0-based 1, 2 < 3); epochs 4, 5 are -> stop after 5
+    assert late.stopped_early and late.epochs_done == 5
+    assert late.best_metric == 1.0 and late.best_step == 6
+    with pytest.raises(ValueError, match="patience_start_epoch"):
+        LoopConfig(patience_start_epoch=-1)
 
 
 # ---------------------------------------------------------------------------- subprocesses

@@ -63,6 +63,55 @@ def test_generalized_dice_loss_matches_reference():
     assert total.item() == pytest.approx(0.5 * parts["ce"].item() + 0.5 * parts["gdice"].item(), rel=1e-6)
 
 
+def test_center_inputs_changes_only_the_filter_gradients(tmp_path):
+    """`center_inputs` is a reparametrisation: same function and state dict, centred filter gradients
+    (grad W - mean * grad b), saved weights that take raw [0, 1] input, loading through the hooks."""
+    import copy
+
+    from mirage_edge.models import create_model, save_model
+    from mirage_edge.models.task import classification_model
+    from mirage_edge.train.finetune import as_bscan_encoder
+    from mirage_edge.train.reparam import center_inputs
+
+    torch.manual_seed(0)
+    plain = classification_model(as_bscan_encoder(create_model("mirage-tiny", input_size=64, depth=1), 64), 3)
+    model = copy.deepcopy(plain)
+    x = torch.rand(4, 1, 64, 64)
+    mean = 0.3
+    hooks = center_inputs(model, mean)
+    assert len(hooks) == 1  # bscan only (as_bscan_encoder dropped slo and the layer map)
+    assert torch.allclose(model(x), plain(x), atol=1e-5)
+    sd, sd0 = model.state_dict(), plain.state_dict()
+    assert sd.keys() == sd0.keys() and all(torch.allclose(sd[k], sd0[k], atol=1e-6) for k in sd)
+
+    model(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    proj, proj0 = model.encoder.input_adapters["bscan"].proj, plain.encoder.input_adapters["bscan"].proj
+    want = proj0.weight.grad - mean * proj0.bias.grad[:, None, None, None]
+    assert torch.allclose(proj.weight.grad, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(proj.weight.grad, proj0.weight.grad, atol=1e-3)
+    assert torch.allclose(model.head.fc.weight.grad, plain.head.fc.weight.grad, atol=1e-5)
+
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()  # train a step, then save as any checkpoint
+    with torch.no_grad():
+        y = model(x)
+    save_model(model, tmp_path / "m")
+    loaded = create_model("mirage", checkpoint=tmp_path / "m")  # a plain model on raw input
+    assert all(not m._forward_pre_hooks for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), y, atol=1e-5)
+        again = copy.deepcopy(plain)
+        center_inputs(again, mean)
+        again.load_state_dict(loaded.state_dict())  # resume: plain weights in, centred coordinates inside
+        assert torch.allclose(again(x), y, atol=1e-5)
+        assert torch.allclose(again.encoder.input_adapters["bscan"].proj.bias, proj.bias, atol=1e-6)
+        for h in hooks:
+            h.remove()
+        assert not proj._forward_pre_hooks and torch.allclose(model(x), y, atol=1e-5)
+    with pytest.raises(ValueError, match="patch projection"):
+        center_inputs(torch.nn.Linear(2, 2), 0.5)
+
+
 def test_seg_finetune_from_official_fixture_frozen(layers64, tmp_path, mirage_ref):
     from mirage_edge.models import create_model
     from mirage_edge.models.task import SegmentationModel
@@ -162,6 +211,36 @@ def test_seg_tiny_reaches_dice(tmp_path):
                optim={"lr": 2e-3, "warmup_steps": 5, "weight_decay": 0.05})
     out = run_finetune(cfg)
     assert out["test"]["dice"] >= 0.80, out["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~5 minutes on 2 shared CPU cores (100 epochs of 1,120 images)
+def test_cls_tiny_reaches_bacc(tmp_path):
+    """Acceptance: the shipped train/configs/finetune_cls_tiny_cpu.toml (a tiny MIRAGE from scratch,
+    16 px patches, centred patch-projection inputs) fine-tuned on a fresh synthetic 4-class `cls` set
+    reaches a test balanced accuracy >= 0.90; the saved best/ (plain weights on [0, 1] input)
+    reproduces the reported test metrics when loaded with create_model."""
+    from mirage_edge import config as C
+    from mirage_edge.data import ClassificationFolder
+    from mirage_edge.data.synth import synthesize
+    from mirage_edge.models import create_model
+    from mirage_edge.train.config import FinetuneConfig
+    from mirage_edge.train.finetune import _spec, evaluate_cls, run_finetune
+
+    data = synthesize(tmp_path / "cls", "cls", 1600, 42, size=128)
+    conf = Path(__file__).resolve().parents[1] / "train" / "configs" / "finetune_cls_tiny_cpu.toml"
+    cfg = C.load(FinetuneConfig, conf, [f"data={data}", f"out_dir={tmp_path / 'run'}", "loop.progress=false",
+                                        "loop.log_every=100", "loop.threads=2"])
+    assert cfg.center_inputs and cfg.task == "cls"
+    out = run_finetune(cfg)
+    assert out["test"]["bacc"] >= 0.90, out["test"]
+    best = create_model("mirage", checkpoint=out["fit"].best_dir).eval()
+    assert all(not m._forward_pre_hooks for m in best.modules())
+    test = ClassificationFolder(data, split="test", spec=_spec(cfg), augment=False)
+    with torch.no_grad():
+        again = evaluate_cls(best, test, 32)
+    assert again["bacc"] == pytest.approx(out["test"]["bacc"], abs=1e-9)
+    assert again["loss"] == pytest.approx(out["test"]["loss"], abs=1e-4)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@
  *           --uint8   uint8 N x H x W at the model size; this program applies the per-image min-max
  *                     to [0, 1] (MIRAGE fine-tuning scaling). No resizing is done here: resize on the
  *                     device (or export the model at the sensor's size) first.
- * OUTPUT  raw float32 file of the model's first output (logits / features; an int64 mask output is
+ * OUTPUT  raw float32 file of the model's first output (logits / features; a uint8/int64 mask output is
  *         converted to float32). The shape is printed to stdout as "output shape: d0 x d1 ...".
  *
  * --precision sets INFERENCE_PRECISION_HINT (default f32, as the artifact's metadata asks, so the
@@ -250,6 +250,8 @@ int main(int argc, char** argv) {
                 converted[j] = (float)((const int64_t*)data)[j];
             else if (type == I32)
                 converted[j] = (float)((const int32_t*)data)[j];
+            else if (type == U8)
+                converted[j] = (float)((const uint8_t*)data)[j];
             else {
                 fprintf(stderr, "error: unsupported output element type %d\n", (int)type);
                 rc = 3;

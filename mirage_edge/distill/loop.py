@@ -40,7 +40,7 @@ from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
 from mirage_edge.distill.losses import feature_loss, task_kd_loss
 from mirage_edge.distill.projector import ProjectedStudent
-from mirage_edge.distill.recipe import DistillRecipe
+from mirage_edge.distill.recipe import DistillRecipe, Stage2Spec
 from mirage_edge.distill.student_io import save_student
 from mirage_edge.distill.teacher import Teacher, load_teacher
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
@@ -122,8 +122,22 @@ def _loop_config(recipe: DistillRecipe, stage: Any) -> Any:
 def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples, stage: Any,
                recipe: DistillRecipe, out: Path, resume: bool, log: Log,
                evaluate: Callable | None = None, monitor: str | None = None) -> dict[str, Any]:
-    """Train `model` for one stage with the generic Trainer; reuse a finished stage on resume."""
+    """Train `model` for one stage with the generic Trainer; reuse a finished stage on resume.
+
+    BatchNorm statistics are re-estimated on training images (`run.precise_bn` batches) before
+    every validation (so `best/` holds them) and once more on the weights the stage ends with."""
     from safetensors.torch import load_file, save_file
+
+    from mirage_edge.distill.precise_bn import recalibrate_bn, recalibration_batches
+
+    bn_inputs = recalibration_batches(ds, recipe.run.precise_bn, recipe.run.eval_batch_size)
+
+    def recalibrate(m: nn.Module) -> None:
+        recalibrate_bn(_unwrap(m), bn_inputs)
+
+    def evaluate_(m: nn.Module) -> dict[str, float]:
+        recalibrate(m)
+        return evaluate(m) if evaluate is not None else {}
 
     from mirage_edge.train.engine import Trainer
     from mirage_edge.train.optim import CosineSchedule
@@ -154,12 +168,15 @@ def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSample
         atomic_write_text(d / "config.json", json.dumps({"format": "mirage-edge-distill-stage", "stage": name}))
 
     trainer = Trainer(model, loss_fn, ds, loop=loop, optimizer=opt, schedule=sched, run_dir=run_dir,
-                      evaluate=evaluate, monitor=monitor, mode="max", config=recipe.to_dict(), collate_fn=collate,
+                      evaluate=evaluate_ if evaluate is not None else None, monitor=monitor, mode="max",
+                      config=recipe.to_dict(), collate_fn=collate,
                       save_model_fn=save_weights, description=f"distill {name}")
     res = trainer.fit(resume="auto" if resume else None)
     if monitor and res.best_dir is not None and (res.best_dir / "model.safetensors").is_file():
         model.load_state_dict(load_file(str(res.best_dir / "model.safetensors")), strict=True)
         log(f"{name}: using best {monitor} {res.best_metric:.4f} (step {res.best_step})")
+    model.eval()
+    recalibrate(model)  # a no-op for BN-free models; idempotent on a best/ that was just recalibrated
     from mirage_edge._io import atomic_path
 
     with atomic_path(final) as tmp:
@@ -281,7 +298,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     final: nn.Module = proj
     s2 = recipe.stage2
     if teacher.task and task and s2.epochs > 0:
-        final = _task_student(teacher, proj, student, s2.mode, s2.freeze_head)
+        final = _task_student(teacher, proj, student, s2)
         stats = attach_cache(train, teacher, recipe, True, log) if recipe.cache.enabled else None
         tcfg = s2.loss
         short = "seg" if task == "segmentation" else "cls"
@@ -348,19 +365,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
-def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, mode: str,
-                  freeze_head: bool) -> nn.Module:
+def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, s2: Stage2Spec) -> nn.Module:
     """Task model for stage 2: the teacher's head on the projected tokens, or a fresh head."""
     from mirage_edge.models.task import TASK_CLASSES, classification_model, segmentation_model
 
     tm = teacher.model
-    if mode == "drop_in":
-        head = copy.deepcopy(tm.head).requires_grad_(not freeze_head)
+    if s2.mode == "drop_in":
+        head = copy.deepcopy(tm.head).requires_grad_(not s2.freeze_head)
         return TASK_CLASSES[tm.task](proj, head).train()
     k = int(tm.num_classes)
     if tm.task == "segmentation":
         cfg = {k2: v for k2, v in tm.head.config.items() if k2 not in ("type", "in_dim", "num_classes")}
-        return segmentation_model(student, k, **cfg).train()
+        try:
+            return segmentation_model(student, k, **{**cfg, **s2.head}).train()
+        except TypeError as exc:
+            raise ConfigError(f"stage2.head {s2.head}: {exc}") from None
     return classification_model(student, k, pool="global").train()
 
 

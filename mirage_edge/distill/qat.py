@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,6 +26,11 @@ from torch import nn
 from mirage_edge._deps import require
 from mirage_edge.distill.recipe import QATSpec
 from mirage_edge.errors import ExportError
+
+# NNCF compiles its CPU fake-quant kernels (a torch C++ extension) on first use: ~1 min on 2 idle
+# cores, several under load - past NNCF's 60 s default, which then aborts the QAT run. Only the
+# default is raised; a user's setting wins.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 
 
 def prepare_qat(model: nn.Module, calib_inputs: Sequence[torch.Tensor], spec: QATSpec) -> tuple[nn.Module, dict[str, Any]]:

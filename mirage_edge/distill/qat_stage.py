@@ -1,9 +1,11 @@
 """The QAT stage of `distill`: NNCF fake-quant INT8 trained with the FP32 student as KD teacher.
 
-Task students are trained on logit KD (+ CE / generalized Dice with labels), encoder-only students
-on feature matching against the FP32 student's tokens. The result is saved as a student checkpoint
-(with NNCF's quantizer config, so `load_student` rebuilds it) and exported to an explicit Q/DQ ONNX
-graph whose ONNX Runtime output is checked against the torch fake-quant model.
+Task students are trained on logit KD from the FP32 student (by default only that, so the INT8
+model reproduces the FP32 one; `qat.alpha` < 1 / `qat.dice` > 0 add CE / generalized Dice on the
+labels), encoder-only students on feature matching against the FP32 student's tokens. The result
+is saved as a student checkpoint (with NNCF's quantizer config, so `load_student` rebuilds it) and
+exported to an explicit Q/DQ ONNX graph whose ONNX Runtime output is checked against the torch
+fake-quant model.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
     log(f"qat: {info['num_quantizers']} NNCF quantizers (model_type {spec.model_type}, "
         f"float ops {spec.ignored_types or 'none'})")
     short = "seg" if task == "segmentation" else "cls"
-    tcfg = TaskLossConfig(alpha=spec.alpha, temperature=spec.temperature, dice=recipe.stage2.loss.dice)
+    tcfg = TaskLossConfig(alpha=spec.alpha, temperature=spec.temperature, dice=spec.dice)
 
     def loss_q(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch["bscan"]

@@ -291,7 +291,7 @@ def _meta(plan: ExportPlan, target: ExportTarget, fmt: str, prec: str, files: li
     oshape[0] = target.batch.opt
     for ax, sym in oa.items():
         oshape[ax] = sym
-    outputs = [TensorSpec(name=out_name, shape=oshape, dtype="int64" if plan.output_kind == "mask" else "float32",
+    outputs = [TensorSpec(name=out_name, shape=oshape, dtype=plan.output_dtype,
                           kind=plan.output_kind, dynamic_axes={str(k): v for k, v in oa.items()})]
     build = {k: v for k, v in build.items() if v not in (None, [], "")}
     return ArtifactMeta(

@@ -21,24 +21,25 @@ class ExportWrapper(nn.Module):
     mode "features_dict": model.forward_features({modality: x, ...}) -> B x N x D
     mode "features":      model.forward_features(x)
     mode "forward":       model(x) -> logits (B x K or B x K x H x W) or features
-    `argmax` adds a class-index output (B x H x W int64) for segmentation.
+    `argmax` adds a class-index output (B x H x W of `mask_dtype`) for segmentation.
     """
 
     def __init__(self, model: nn.Module, mode: str, modalities: list[str], argmax: bool = False,
-                 mask_stride: int = 1) -> None:
+                 mask_stride: int = 1, mask_dtype: torch.dtype = torch.uint8) -> None:
         super().__init__()
         self.model = model
         self.mode = mode
         self.modalities = list(modalities)
         self.argmax = argmax
         self.mask_stride = mask_stride
+        self.mask_dtype = mask_dtype
         if mask_stride > 1 and not hasattr(model, "forward_mask"):
             raise ExportError(f"seg_mask_stride={mask_stride} needs a SegmentationModel (forward_mask); "
                               f"{type(model).__name__} has none")
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         if self.argmax and self.mask_stride > 1:
-            return self.model.forward_mask(xs[0], self.mask_stride)
+            return self.model.forward_mask(xs[0], self.mask_stride, self.mask_dtype)
         if self.mode == "features_dict":
             out = self.model.forward_features(dict(zip(self.modalities, xs)))
         elif self.mode == "features":
@@ -50,7 +51,7 @@ class ExportWrapper(nn.Module):
         if isinstance(out, dict):
             raise ExportError(f"model returned a dict ({sorted(out)}); export needs a tensor output")
         if self.argmax:
-            out = out.argmax(dim=1)
+            out = out.argmax(dim=1).to(self.mask_dtype)
         return out
 
 
@@ -64,6 +65,7 @@ class ExportPlan:
     input_sizes: dict[str, tuple[int, int]]  # modality -> (H, W)
     classes: list[str]
     output_kind: str  # logits | mask | features
+    output_dtype: str  # float32, or the mask's: uint8 (<= 256 classes; 8x less to write than int64) | int64
     output_shape: list[int]  # for batch 1
     fake_quantized: str  # "" | "nncf" | "torch"
     has_attention: bool
@@ -216,12 +218,15 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
         raise ConfigError(f"{len(classes)} class names given but the model outputs {n_cls} classes")
     names = (list(classes) if classes else _model_classes(model, n_cls)) if n_cls else []
     out_shape = list(out.shape)
+    mask_dtype = "uint8" if n_cls <= 256 else "int64"
     if argmax:
         out_shape = [out_shape[0], *out_shape[2:]]
     return ExportPlan(
         wrapper=ExportWrapper(model, mode, modalities, argmax=argmax,
-                              mask_stride=target.seg_mask_stride if argmax else 1),
+                              mask_stride=target.seg_mask_stride if argmax else 1,
+                              mask_dtype=getattr(torch, mask_dtype)),
         task=task, modalities=modalities, input_sizes=sizes, classes=names, output_kind=kind,
+        output_dtype=mask_dtype if argmax else "float32",
         output_shape=out_shape, fake_quantized=fake_quant_kind(model), has_attention=has_attention(model),
     )
 

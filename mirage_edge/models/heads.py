@@ -70,6 +70,8 @@ class ConvNeXtSegHead(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         x = self.final_layer(x)
+        if tuple(x.shape[-2:]) == tuple(image_size):
+            return x  # resampling to the same size is the identity; in an exported graph it is not free
         align = False if self.interpolate_mode in ("bilinear", "bicubic") else None
         return F.interpolate(x, size=tuple(image_size), mode=self.interpolate_mode, align_corners=align)
 

@@ -67,17 +67,18 @@ class SegmentationModel(_TaskModel):
         tokens = self.encoder.forward_features(x)
         return self.head(tokens[:, : gh * gw], (gh, gw), (h, w))
 
-    def forward_mask(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
-        """Class mask B x H x W (int64). `stride` > 1 takes the argmax of logits upsampled only to
+    def forward_mask(self, x: torch.Tensor, stride: int = 1, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Class mask B x H x W of `dtype`. `stride` > 1 takes the argmax of logits upsampled only to
         H/stride x W/stride and repeats each label stride x stride: on a CPU the full-size float
-        upsampling + argmax of K channels can cost as much as a small student's encoder."""
+        upsampling + argmax of K channels can cost as much as a small student's encoder. The cast
+        comes before the repeat, so a uint8 mask also repeats 8x fewer bytes than int64."""
         _check_image(x)
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if stride < 1 or h % stride or w % stride:
             raise InputError(f"mask stride {stride} must be >= 1 and divide the input size {h}x{w}")
         gh, gw = self.encoder.token_grid(h, w)
         tokens = self.encoder.forward_features(x)
-        mask = self.head(tokens[:, : gh * gw], (gh, gw), (h // stride, w // stride)).argmax(dim=1)
+        mask = self.head(tokens[:, : gh * gw], (gh, gw), (h // stride, w // stride)).argmax(dim=1).to(dtype)
         if stride == 1:
             return mask
         return mask.repeat_interleave(stride, dim=1).repeat_interleave(stride, dim=2)

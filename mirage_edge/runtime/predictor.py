@@ -142,8 +142,8 @@ class Predictor:
     def predict(self, images: Images) -> np.ndarray:
         """Predictions for one B-scan (H x W), a batch/volume (N x H x W, list of arrays or files).
 
-        classification -> float32 probabilities (K, or N x K); segmentation -> int64 class-index
-        masks at the model's input size (H' x W', or N x H' x W'; resize back with
+        classification -> float32 probabilities (K, or N x K); segmentation -> class-index masks
+        (uint8 up to 256 classes, else int64) at the model's input size (H' x W', or N x H' x W'; resize back with
         `mirage_edge.data.preprocess.resize_mask`); encoder -> features (one sample's, or N x ...).
         """
         feeds, single = self.preprocess(images)
@@ -152,9 +152,7 @@ class Predictor:
         if self.task == "classification" and kind == "logits":
             out = _softmax(out.astype(np.float32))
         elif self.task == "segmentation" and kind == "logits":
-            out = out.argmax(axis=1).astype(np.int64)
-        elif kind == "mask":
-            out = out.astype(np.int64)
+            out = out.argmax(axis=1).astype(np.uint8 if out.shape[1] <= 256 else np.int64)
         return out[0] if single else out
 
     def predict_logits(self, images: Images) -> np.ndarray:

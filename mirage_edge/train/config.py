@@ -63,6 +63,9 @@ class LoopConfig:
     `checkpoint_every`: steps between full checkpoints (mid-epoch allowed); 0 = at every epoch end.
     The last step always gets one. `eval_every`: epochs between validations (best/ + early stopping).
     `patience`: evaluations without improvement > `min_delta` before stopping (0 = off).
+    `patience_start_epoch`: an evaluation counts towards `patience` only once more than this many
+    epochs are done (the official MIRAGE rule: counting starts at epoch 20, 0-based; 0 = from the start).
+    Improvements are always recorded (best/ is kept from the first evaluation on).
     `threads`: torch CPU threads (0 = torch default).
     """
 
@@ -80,6 +83,7 @@ class LoopConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     patience: int = 0
+    patience_start_epoch: int = 0
     min_delta: float = 0.001
     tensorboard: bool = False
     progress: bool = True
@@ -89,7 +93,8 @@ class LoopConfig:
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "patience", "num_workers", "threads"):
+        for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "patience", "patience_start_epoch",
+                     "num_workers", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loop.{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_grad < 0:
@@ -149,6 +154,9 @@ class FinetuneConfig:
     `mode`: cls -> "linear_probe" (head only) or "full"; seg -> "frozen" (encoder blocks frozen, patch
     projection + global token + head train, as §11) or "full". `pool` (cls): global | cls | token_mix.
     `monitor`: validation metric for best checkpoint / early stopping ("" = bacc for cls, dice for seg).
+    `center_inputs`: train the MIRAGE patch projection on pixels minus their training-set mean (see
+    `mirage_edge.train.reparam`); saved weights still take the usual [0, 1] input. For encoders trained
+    from scratch: without it a tiny MIRAGE stays at chance on synthetic cls data for many epochs.
     """
 
     task: Literal["cls", "seg"] = "cls"
@@ -160,6 +168,7 @@ class FinetuneConfig:
     pool: Literal["global", "cls", "token_mix"] = "global"
     head: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
+    center_inputs: bool = False
     label_smoothing: float = 0.1
     ce_weight: float = 0.5
     dice_weight: float = 0.5

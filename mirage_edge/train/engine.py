@@ -434,7 +434,8 @@ class Trainer:
         if self._better(value):
             st["best"], st["best_step"], st["bad_evals"] = value, st["step"], 0
             self.save(self.best_dir)
-        else:
+        elif epochs_done > self.loop.patience_start_epoch:
+            # official MIRAGE EarlyStopping: `epoch >= start_from` with 0-based epochs
             st["bad_evals"] += 1
         return bool(self.loop.patience and st["bad_evals"] >= self.loop.patience)
 

@@ -155,6 +155,16 @@ def _spec(cfg: FinetuneConfig):
     return PreprocessSpec(size=(cfg.image_size, cfg.image_size), scaling="minmax", minmax_order=order)
 
 
+def pixel_mean(dataset: Any, max_images: int = 256) -> float:
+    """Mean pixel of up to `max_images` evenly spaced images of `dataset` (items with an "image"
+    tensor): the centre for `center_inputs`, taken on the preprocessed, non-augmented training split."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError("cannot take the pixel mean of an empty split")
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+    return float(np.mean([float(dataset[int(i)]["image"].double().mean()) for i in idx]))
+
+
 def _datasets(cfg: FinetuneConfig, spec) -> dict[str, Any]:
     from mirage_edge.data import ClassificationFolder, SegmentationFolder
 
@@ -266,6 +276,16 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
     torch.manual_seed(cfg.loop.seed)
     model = build_task_model(cfg.model, cfg.task, train_set.num_classes, cfg.image_size, cfg.pool, dict(cfg.head))
     set_trainable(model, cfg.task, cfg.mode)
+    if cfg.center_inputs:
+        from mirage_edge.train.reparam import center_inputs
+
+        center = pixel_mean(type(train_set)(Path(cfg.data), split="train", spec=spec, augment=False))
+        try:
+            center_inputs(model, center)
+        except ValueError as exc:
+            raise ConfigError(f"'center_inputs': {exc}") from None
+        if info.is_main:
+            print(f"center_inputs: patch projection trained on pixels - {center:.4f} (training-set mean)", flush=True)
     opt = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
                       layer_decay=cfg.optim.layer_decay)
     spe = steps_per_epoch(len(train_set), cfg.loop, info.world_size)
@@ -328,4 +348,4 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
 
 
 __all__ = ["run_finetune", "resolve_checkpoint", "build_task_model", "set_trainable", "as_bscan_encoder", "evaluate_cls",
-           "evaluate_seg", "predict", "check_data"]
+           "evaluate_seg", "predict", "check_data", "pixel_mean"]
