@@ -285,7 +285,8 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
         except ValueError as exc:
             raise ConfigError(f"'center_inputs': {exc}") from None
         if info.is_main:
-            print(f"center_inputs: patch projection trained on pixels - {center:.4f} (training-set mean)", flush=True)
+            print(f"center_inputs: patch projection trained on pixels - {center:.4f} (training-set mean)",
+                  flush=True)
     opt = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
                       layer_decay=cfg.optim.layer_decay)
     spe = steps_per_epoch(len(train_set), cfg.loop, info.world_size)
