@@ -33,6 +33,11 @@ Format = Literal["onnx", "openvino", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 
 
+def mask_dtype(num_classes: int) -> str:
+    """dtype of a class-index mask: uint8 up to 256 classes (8x less to write than int64), else int64."""
+    return "uint8" if num_classes <= 256 else "int64"
+
+
 @dataclass
 class TensorSpec:
     """One model input or output.
@@ -40,8 +45,8 @@ class TensorSpec:
     `shape` holds ints for fixed axes and names (e.g. "batch") for dynamic ones; `dynamic_axes`
     maps axis index (as a string, JSON keys) to that name. `kind` says what an output means:
     "logits" (classification B x K or segmentation B x K x H x W), "mask" (B x H x W class
-    indices, argmax in the graph; uint8, int64 beyond 256 classes), "features" (B x N x D tokens or B x C x h x w maps),
-    "image" for inputs.
+    indices, argmax in the graph, dtype `mask_dtype`), "features" (B x N x D tokens or B x C x h x w
+    maps), "image" for inputs.
     """
 
     name: str
@@ -256,5 +261,5 @@ def load_verified_meta(artifact_dir: str | Path) -> ArtifactMeta:
 __all__ = [
     "ArtifactMeta", "TensorSpec", "QuantizationInfo", "SourceInfo", "SCHEMA_VERSION", "METADATA_FILE",
     "SUMS_FILE", "METADATA_KEY", "write_meta", "read_meta", "write_sha256sums", "read_sha256sums",
-    "verify_sha256sums", "load_verified_meta",
+    "verify_sha256sums", "load_verified_meta", "mask_dtype",
 ]

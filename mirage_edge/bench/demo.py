@@ -217,7 +217,8 @@ def _distill(data: Path, teacher: Path, out: Path, plan: DemoPlan, threads: int,
         f"stage2.batch_size={plan.distill_batch}", "stage2.lr=1.5e-3",
         "stage2.loss={alpha = 0.5, temperature = 2.0, dice = 1.0, feature = 0.0}",
         'stage2.mode="new_head"', f"stage2.head={plan.student_head}", "qat.enabled=true",
-        f"qat.epochs={plan.qat_epochs}", f"qat.batch_size={plan.distill_batch}", "qat.lr=5e-5", "qat.subset_size=32", f"run.threads={threads}", f"cache.dir={json.dumps(str(cache))}",
+        f"qat.epochs={plan.qat_epochs}", f"qat.batch_size={plan.distill_batch}", "qat.lr=5e-5", "qat.subset_size=32",
+        f"run.threads={threads}", f"cache.dir={json.dumps(str(cache))}",
     ])  # the settings of distill/recipes/layers-tiny.toml (tuned for synthetic layers), at the demo's size
     distill(recipe, overwrite=True, log=say)
 

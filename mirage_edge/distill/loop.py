@@ -172,11 +172,13 @@ def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSample
                       config=recipe.to_dict(), collate_fn=collate,
                       save_model_fn=save_weights, description=f"distill {name}")
     res = trainer.fit(resume="auto" if resume else None)
+    model.eval()
     if monitor and res.best_dir is not None and (res.best_dir / "model.safetensors").is_file():
+        # best/ was saved right after its (recalibrated) evaluation: its BN statistics are current
         model.load_state_dict(load_file(str(res.best_dir / "model.safetensors")), strict=True)
         log(f"{name}: using best {monitor} {res.best_metric:.4f} (step {res.best_step})")
-    model.eval()
-    recalibrate(model)  # a no-op for BN-free models; idempotent on a best/ that was just recalibrated
+    else:
+        recalibrate(model)  # the last weights (a no-op for BN-free models)
     from mirage_edge._io import atomic_path
 
     with atomic_path(final) as tmp:

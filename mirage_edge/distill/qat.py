@@ -27,10 +27,15 @@ from mirage_edge._deps import require
 from mirage_edge.distill.recipe import QATSpec
 from mirage_edge.errors import ExportError
 
-# NNCF compiles its CPU fake-quant kernels (a torch C++ extension) on first use: ~1 min on 2 idle
-# cores, several under load - past NNCF's 60 s default, which then aborts the QAT run. Only the
-# default is raised; a user's setting wins.
-os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+
+def _nncf() -> Any:
+    """The nncf module, for building fake-quant torch models (every NNCF torch model here is made by
+    `prepare_qat` or `rebuild_qat`, so this is the one place to set NNCF up)."""
+    # NNCF compiles its CPU fake-quant kernels (a torch C++ extension) on first use: ~1 min on 2 idle
+    # cores, several under load - past NNCF's 60 s default, which then aborts the QAT run. Only the
+    # default is raised; a user's setting wins.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+    return require("nncf", "quantization-aware training")
 
 
 def prepare_qat(model: nn.Module, calib_inputs: Sequence[torch.Tensor], spec: QATSpec) -> tuple[nn.Module, dict[str, Any]]:
@@ -39,7 +44,7 @@ def prepare_qat(model: nn.Module, calib_inputs: Sequence[torch.Tensor], spec: QA
     Returns (quantized model, info) where info records the quantization recipe (scheme, ignored
     scope, model type, number of quantizers) for the checkpoint and artifact metadata.
     """
-    nncf = require("nncf", "quantization-aware training")
+    nncf = _nncf()
     kwargs: dict[str, Any] = {}
     if spec.model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
@@ -131,7 +136,7 @@ def export_qdq_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, o
 
 def qat_config(model: nn.Module) -> dict[str, Any]:
     """NNCF's JSON-able description of the inserted quantizers (to rebuild them on load)."""
-    nncf = require("nncf", "quantization-aware training")
+    nncf = _nncf()
     cfg = nncf.torch.get_config(model)
     json.dumps(cfg)  # fail early if NNCF ever returns something non-JSON
     return cfg
@@ -139,7 +144,7 @@ def qat_config(model: nn.Module) -> dict[str, Any]:
 
 def rebuild_qat(model: nn.Module, config: dict[str, Any], example: torch.Tensor) -> nn.Module:
     """Re-insert the quantizers described by `qat_config` into a fresh FP32 `model` (weights loaded after)."""
-    nncf = require("nncf", "quantization-aware training")
+    nncf = _nncf()
     del example  # NNCF 3.x rebuilds from the config alone (2.x needed an example input)
     return nncf.torch.load_from_config(model.eval(), config)
 

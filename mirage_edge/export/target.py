@@ -108,7 +108,7 @@ class ExportTarget:
     # [H, W] of the exported input; empty = the model's own input size
     input_size: list[int] = field(default_factory=list)
     dynamic_hw: bool = False
-    # segmentation: put argmax in the graph (output "mask", B x H x W uint8, int64 beyond 256 classes) instead of logits
+    # segmentation: put argmax in the graph (output "mask", B x H x W, artifact.mask_dtype) instead of logits
     seg_argmax: bool = False
     # with seg_argmax: take the argmax at H/stride x W/stride and repeat each label stride x stride
     # (SegmentationModel.forward_mask); 1 = argmax of full-size logits. Validation measures the cost.

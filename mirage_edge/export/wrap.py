@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mirage_edge.artifact import mask_dtype
 from mirage_edge.errors import ConfigError, ExportError
 from mirage_edge.export.target import ExportTarget
 
@@ -65,7 +66,7 @@ class ExportPlan:
     input_sizes: dict[str, tuple[int, int]]  # modality -> (H, W)
     classes: list[str]
     output_kind: str  # logits | mask | features
-    output_dtype: str  # float32, or the mask's: uint8 (<= 256 classes; 8x less to write than int64) | int64
+    output_dtype: str  # float32, or the mask's (artifact.mask_dtype)
     output_shape: list[int]  # for batch 1
     fake_quantized: str  # "" | "nncf" | "torch"
     has_attention: bool
@@ -218,15 +219,15 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
         raise ConfigError(f"{len(classes)} class names given but the model outputs {n_cls} classes")
     names = (list(classes) if classes else _model_classes(model, n_cls)) if n_cls else []
     out_shape = list(out.shape)
-    mask_dtype = "uint8" if n_cls <= 256 else "int64"
+    mask = mask_dtype(n_cls)
     if argmax:
         out_shape = [out_shape[0], *out_shape[2:]]
     return ExportPlan(
         wrapper=ExportWrapper(model, mode, modalities, argmax=argmax,
                               mask_stride=target.seg_mask_stride if argmax else 1,
-                              mask_dtype=getattr(torch, mask_dtype)),
+                              mask_dtype=getattr(torch, mask)),
         task=task, modalities=modalities, input_sizes=sizes, classes=names, output_kind=kind,
-        output_dtype=mask_dtype if argmax else "float32",
+        output_dtype=mask if argmax else "float32",
         output_shape=out_shape, fake_quantized=fake_quant_kind(model), has_attention=has_attention(model),
     )
 

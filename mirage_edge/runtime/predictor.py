@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from mirage_edge.artifact import ArtifactMeta, load_verified_meta, read_meta
+from mirage_edge.artifact import ArtifactMeta, load_verified_meta, mask_dtype, read_meta
 from mirage_edge.data.io import read_image
 from mirage_edge.data.preprocess import PreprocessSpec, preprocess
 from mirage_edge.errors import InputError
@@ -143,8 +143,8 @@ class Predictor:
         """Predictions for one B-scan (H x W), a batch/volume (N x H x W, list of arrays or files).
 
         classification -> float32 probabilities (K, or N x K); segmentation -> class-index masks
-        (uint8 up to 256 classes, else int64) at the model's input size (H' x W', or N x H' x W'; resize back with
-        `mirage_edge.data.preprocess.resize_mask`); encoder -> features (one sample's, or N x ...).
+        (`artifact.mask_dtype`) at the model's input size (H' x W', or N x H' x W'; resize back
+        with `mirage_edge.data.preprocess.resize_mask`); encoder -> features (one sample's, or N x ...).
         """
         feeds, single = self.preprocess(images)
         out = self.run(feeds)[self.meta.outputs[0].name]
@@ -152,7 +152,7 @@ class Predictor:
         if self.task == "classification" and kind == "logits":
             out = _softmax(out.astype(np.float32))
         elif self.task == "segmentation" and kind == "logits":
-            out = out.argmax(axis=1).astype(np.uint8 if out.shape[1] <= 256 else np.int64)
+            out = out.argmax(axis=1).astype(mask_dtype(out.shape[1]))
         return out[0] if single else out
 
     def predict_logits(self, images: Images) -> np.ndarray:

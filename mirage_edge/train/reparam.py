@@ -4,10 +4,10 @@ Fine-tuning images are per-image min-max scaled to [0, 1] (ARCHITECTURE.md §10-
 is >= 0 and the mean is far from 0 (~0.17 for OCT: mostly dark background). With such inputs the
 gradient of a patch-projection filter, sum(delta * x), carries a large part shared by all its P x P
 taps (mean * sum(delta)), and Adam moves the whole filter up or down together: tokens learn
-brightness before shape,
-and a MIRAGE trained from scratch sits on its initial loss plateau for many more epochs (synthetic
-`cls`: test BAcc 0.64 vs 0.81-0.86 after 30 epochs; train/README.md). The official weights never met
-the problem (they start from ImageNet MultiMAE / MAE, whose inputs are normalised).
+brightness before shape, and a MIRAGE trained from scratch sits on its initial loss plateau for
+many more epochs (synthetic `cls`: test BAcc 0.64 vs 0.81-0.86 after 30 epochs; train/README.md).
+The official weights never met the problem (they start from ImageNet MultiMAE / MAE, whose inputs
+are normalised).
 
 `center_inputs(model, mean)` makes the projection compute `conv(x - mean)` during training, so its
 gradient is `sum(delta * (x - mean))`, while the model stays the plain network on [0, 1] input:
