@@ -74,6 +74,11 @@ def test_seg_distill_qat_end_to_end_and_resume(seg_setup):
     # presumably between ORT's folded Conv+BN and torch's Conv -> BN show up as 1-2 output steps)
     assert float((got - ref).abs().max()) < 3e-2 * float(ref.abs().max())
     assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.97
+    # QAT trains in eval mode (qat.eval_mode): BN keeps the FP32 student's statistics
+    fp_bn = {k: v for k, v in fp32.state_dict().items() if k.endswith("running_var")}
+    q_bn = {k: v for k, v in q.state_dict().items() if k.endswith("running_var")}
+    assert fp_bn and fp_bn.keys() == q_bn.keys()
+    assert all(torch.equal(fp_bn[k], q_bn[k]) for k in fp_bn)
     # an existing output folder needs --resume; resuming reuses the finished stages
     with pytest.raises(ConfigError, match="not empty"):
         distill(_recipe(root, data, teacher, "run", "qat.enabled=true"), log=logs.append)
@@ -137,3 +142,35 @@ def test_curated_recipes_load_strictly():
         load_recipe("tiny-demo", ["data.image_size=100"])
     with pytest.raises(ConfigError, match="not found"):
         load_recipe("no-such-recipe")
+
+
+def test_cross_modal_distillation_and_its_benchmark(tmp_path):
+    """Teacher fed B-scan + SLO vs the B-scan only: different targets (and cache entries); both
+    students see only the B-scan; the benchmark compares them on B-scans with a layer probe."""
+    from mirage_edge.data.synth import synthesize
+    from mirage_edge.distill import distill
+    from mirage_edge.distill.crossmodal_bench import measure
+    from mirage_edge.models import create_model, save_model
+
+    data = synthesize(tmp_path / "mm", "multimodal", 12, seed=0, size=64)
+    torch.manual_seed(0)
+    save_model(create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan", "slo"], out_domains=[]),
+               tmp_path / "teacher")
+    runs = {}
+    for name, mods in (("a", '["bscan", "slo"]'), ("b", '["bscan"]')):
+        r = load_recipe("crossmodal-tiny", [f"data.path={json.dumps(str(data))}",
+                                            f"teacher.model={json.dumps(str(tmp_path / 'teacher'))}",
+                                            f"teacher.modalities={mods}", 'student.name="student-tiny"',
+                                            f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
+                                            f"out={json.dumps(str(tmp_path / name))}", *FAST])
+        runs[name] = distill(r, log=lambda m: None)
+    caches = {n: r.report["stages"]["stage1"]["cache"]["dir"] for n, r in runs.items()}
+    assert caches["a"] != caches["b"]
+    rec = measure(str(tmp_path / "teacher"), str(data), str(runs["a"].student_dir), str(runs["b"].student_dir),
+                  64, 1)
+    assert rec["slo_effect_rel_norm"] > 0.0  # the SLO changes the teacher's B-scan tokens
+    assert set(rec["models"]) == {"teacher_bscan_slo", "teacher_bscan", "student_A", "student_B"}
+    for m in rec["models"].values():
+        assert 0.0 <= m["probe_token_accuracy"] <= 1.0
+    a = rec["models"]["student_A"]
+    assert -1.0 <= a["slo_part_alignment"] <= 1.0 and -1.0 <= a["cos_to_teacher_bscan_slo"] <= 1.0

@@ -106,6 +106,39 @@ def test_projected_student_round_trip(tmp_path):
         torch.testing.assert_close(back.forward_features(x), tokens)
 
 
+def test_projector_subpixel_upsampling_is_local_to_each_student_cell():
+    """A teacher grid 4x finer than the student map (8 x 8 vs 2 x 2): each student cell predicts its
+    own 4 x 4 tokens (PixelShuffle); bilinear interpolation spreads a cell over the whole grid."""
+    from mirage_edge.distill.projector import ProjectedStudent
+
+    torch.manual_seed(0)
+    shuf = ProjectedStudent(build_student("student-tiny", img_size=64), 16, (8, 8), 0).eval()
+    bil = ProjectedStudent(build_student("student-tiny", img_size=64), 16, (8, 8), 0, upsample="bilinear").eval()
+    assert (shuf.proj.r, bil.proj.r) == (4, 1)
+    fmap = torch.randn(1, shuf.student.embed_dim, 2, 2)
+    bumped = fmap.clone()
+    bumped[..., 0, 1] += 1.0
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[0:4, 4:8] = True
+    with torch.no_grad():
+        changed = ((shuf.proj(fmap) - shuf.proj(bumped)).abs().sum(-1).reshape(8, 8) > 0)
+        spread = ((bil.proj(fmap) - bil.proj(bumped)).abs().sum(-1).reshape(8, 8) > 0)
+    assert torch.equal(changed, expected)
+    assert int(spread.sum()) > 16
+    # no exact multiple (2 x 2 -> 5 x 5): resampled first, as before
+    assert ProjectedStudent(build_student("student-tiny", img_size=64), 16, (5, 5), 0).proj.r == 1
+    with pytest.raises(ValueError, match="upsample"):
+        ProjectedStudent(build_student("student-tiny", img_size=64), 16, (8, 8), 0, upsample="nearest")
+
+
+def test_projected_student_checkpoint_without_upsample_key_is_bilinear():
+    """Checkpoints written before `upsample` existed rebuild with the projector they were trained with."""
+    from mirage_edge.models.students import projected_student
+
+    old = projected_student(student="student-tiny", img_size=64, teacher_dim=16, teacher_grid=(8, 8))
+    assert old.upsample == "bilinear" and old.proj.r == 1
+
+
 def test_resnet18_student_qat_exports_to_qdq_onnx(tmp_path):
     """The fourth family: a drop-in segmentation student quantizes with NNCF and its Q/DQ ONNX graph
     runs in ONNX Runtime like the fake-quant torch model (tiny input, random weights)."""

@@ -121,19 +121,23 @@ def _loop_config(recipe: DistillRecipe, stage: Any) -> Any:
 
 def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples, stage: Any,
                recipe: DistillRecipe, out: Path, resume: bool, log: Log,
-               evaluate: Callable | None = None, monitor: str | None = None) -> dict[str, Any]:
+               evaluate: Callable | None = None, monitor: str | None = None,
+               recalibrate_bn: bool = True) -> dict[str, Any]:
     """Train `model` for one stage with the generic Trainer; reuse a finished stage on resume.
 
     BatchNorm statistics are re-estimated on training images (`run.precise_bn` batches) before
-    every validation (so `best/` holds them) and once more on the weights the stage ends with."""
+    every validation (so `best/` holds them) and once more on the weights the stage ends with
+    (unless `recalibrate_bn` is False: a stage that trained with frozen statistics keeps them)."""
     from safetensors.torch import load_file, save_file
 
-    from mirage_edge.distill.precise_bn import recalibrate_bn, recalibration_batches
+    from mirage_edge.distill.precise_bn import recalibrate_bn as recalibrate_bn_
+    from mirage_edge.distill.precise_bn import recalibration_batches
 
-    bn_inputs = recalibration_batches(ds, recipe.run.precise_bn, recipe.run.eval_batch_size)
+    bn_inputs = recalibration_batches(ds, recipe.run.precise_bn, recipe.run.eval_batch_size) if recalibrate_bn else []
 
     def recalibrate(m: nn.Module) -> None:
-        recalibrate_bn(_unwrap(m), bn_inputs)
+        if recalibrate_bn:
+            recalibrate_bn_(_unwrap(m), bn_inputs)
 
     def evaluate_(m: nn.Module) -> dict[str, float]:
         recalibrate(m)
@@ -268,7 +272,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     missing = [t for t in layer_map if t not in teacher.layers]
     if missing:
         raise ConfigError(f"student.layer_map uses teacher blocks {missing} not listed in teacher.layers {teacher.layers}")
-    proj = ProjectedStudent(student, teacher.embed_dim, teacher.grid, teacher.num_global_tokens, layer_map)
+    proj = ProjectedStudent(student, teacher.embed_dim, teacher.grid, teacher.num_global_tokens, layer_map,
+                            upsample=recipe.student.upsample)
     report: dict[str, Any] = {"recipe": recipe.name, "teacher": teacher.describe(), "task": task,
                               "student": recipe.student.name, "stages": {}}
 

@@ -7,9 +7,15 @@ with the teacher's features API (``embed_dim == D``), so the teacher's fine-tune
 it unchanged ("drop-in" mode) and export/bench treat it like any encoder.
 
 Grid alignment: at the teacher's 512 x 512 input with patch 32 the student's stride-32 grid equals
-the teacher's 16 x 16 grid and no resampling happens. Otherwise the student map is resampled to the
-teacher grid: average pooling when it is an integer multiple larger, bilinear interpolation
-(align_corners=False) otherwise. Sizes are fixed at construction, so the graph exports to ONNX.
+the teacher's 16 x 16 grid and no resampling happens. When the teacher grid is r times finer (a
+teacher with 8 px patches at 128 px has 16 x 16 tokens, the student 4 x 4), the default
+``upsample="shuffle"`` predicts the r x r tokens of each student cell from that cell (the last 1x1
+conv outputs r^2 D channels, then PixelShuffle / ONNX DepthToSpace): a learned sub-pixel map, which
+keeps detail that bilinear interpolation of the student map smears away (layer Dice of a
+MobileNetV4 student on synthetic layers at 128 px: see distill/README.md). Otherwise the map is
+resampled to the teacher grid first: average pooling when it is an integer multiple larger,
+bilinear interpolation (align_corners=False) otherwise. Sizes are fixed at construction, so the
+graph exports to ONNX.
 """
 from __future__ import annotations
 
@@ -31,19 +37,38 @@ def resample_to_grid(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(fmap, size=(gh, gw), mode="bilinear", align_corners=False)
 
 
-class ConvProjector(nn.Module):
-    """1x1 conv MLP C -> D -> D (GELU) on a feature map, resampled to the teacher grid: B x N x D."""
+def subpixel_factor(fmap_hw: Sequence[int], grid: Sequence[int]) -> int:
+    """r when `grid` is exactly r (> 1) times finer than the map in both axes, else 1."""
+    h, w = fmap_hw
+    gh, gw = grid
+    r = gh // h if h else 0
+    return r if r > 1 and gh == r * h and gw == r * w else 1
 
-    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], hidden: int | None = None) -> None:
+
+class ConvProjector(nn.Module):
+    """1x1 conv MLP C -> H -> D (GELU) on a feature map, brought to the teacher grid: B x N x D.
+
+    fmap_hw: the student map's size (fixed for one input size); with `upsample="shuffle"` and a
+    teacher grid r times finer, fc2 outputs r^2 D channels and PixelShuffle(r) lays them out (H
+    is then r D: each student cell describes r^2 tokens)."""
+
+    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], hidden: int | None = None,
+                 fmap_hw: Sequence[int] | None = None, upsample: str = "shuffle") -> None:
         super().__init__()
-        hidden = hidden or out_dim
+        if upsample not in ("shuffle", "bilinear"):
+            raise ValueError(f"upsample must be 'shuffle' or 'bilinear', not {upsample!r}")
         self.grid = tuple(grid)
+        self.r = subpixel_factor(fmap_hw, grid) if fmap_hw and upsample == "shuffle" else 1
+        hidden = hidden or out_dim * self.r
         self.fc1 = nn.Conv2d(in_dim, hidden, 1)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, out_dim, 1)
+        self.fc2 = nn.Conv2d(hidden, out_dim * self.r ** 2, 1)
+        self.shuffle = nn.PixelShuffle(self.r) if self.r > 1 else nn.Identity()
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        x = self.fc2(self.act(self.fc1(resample_to_grid(fmap, self.grid))))
+        if self.r == 1:
+            fmap = resample_to_grid(fmap, self.grid)
+        x = self.shuffle(self.fc2(self.act(self.fc1(fmap))))
         return x.flatten(2).transpose(1, 2)
 
 
@@ -55,10 +80,13 @@ class ProjectedStudent(nn.Module):
     teacher_grid:   (gh, gw) of the teacher's B-scan tokens at this input size.
     num_global_tokens: G, appended after the patch tokens (predicted from the pooled features).
     layer_map:      {teacher layer index: student stage index} for intermediate-layer matching.
+    upsample:       "shuffle" (learned sub-pixel map where the teacher grid is r x finer) or
+                    "bilinear" (resample the student map; checkpoints from before 28 Nov 2026).
     """
 
     def __init__(self, student: nn.Module, teacher_dim: int, teacher_grid: Sequence[int],
-                 num_global_tokens: int = 1, layer_map: Mapping[int, int] | None = None) -> None:
+                 num_global_tokens: int = 1, layer_map: Mapping[int, int] | None = None,
+                 upsample: str = "shuffle") -> None:
         super().__init__()
         self.student = student
         self.embed_dim = int(teacher_dim)
@@ -67,8 +95,11 @@ class ProjectedStudent(nn.Module):
         self.input_size = tuple(getattr(student, "input_size", (0, 0)))
         self.patch_size = (self.input_size[0] // self.teacher_grid[0], self.input_size[1] // self.teacher_grid[1]) \
             if self.input_size[0] else (32, 32)
+        self.upsample = upsample
         c = int(student.embed_dim)
-        self.proj = ConvProjector(c, self.embed_dim, self.teacher_grid)
+        stride = int(stages[-1][1]) if (stages := getattr(student, "stage_info", None)) else 32
+        hw = (self.input_size[0] // stride, self.input_size[1] // stride) if self.input_size[0] else None
+        self.proj = ConvProjector(c, self.embed_dim, self.teacher_grid, fmap_hw=hw, upsample=upsample)
         if self.num_global_tokens:
             self.global_proj = nn.Sequential(nn.Linear(c, self.embed_dim), nn.GELU(),
                                              nn.Linear(self.embed_dim, self.embed_dim * self.num_global_tokens))
@@ -78,7 +109,10 @@ class ProjectedStudent(nn.Module):
         for t_idx, s_idx in self.layer_map.items():
             if not -len(stages) <= s_idx < len(stages):
                 raise ValueError(f"student stage {s_idx} out of range (student has {len(stages)} stages)")
-            self.inter_proj[str(t_idx)] = ConvProjector(stages[s_idx][0], self.embed_dim, self.teacher_grid)
+            s_hw = (self.input_size[0] // stages[s_idx][1], self.input_size[1] // stages[s_idx][1]) \
+                if self.input_size[0] else None
+            self.inter_proj[str(t_idx)] = ConvProjector(stages[s_idx][0], self.embed_dim, self.teacher_grid,
+                                                        fmap_hw=s_hw, upsample=upsample)
 
     # features API --------------------------------------------------------------------------------
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
@@ -129,12 +163,13 @@ class ProjectedStudent(nn.Module):
                 "kwargs": {"student": inner["name"], "img_size": inner["kwargs"]["img_size"],
                            "reparameterized": inner["kwargs"]["reparameterized"], "teacher_dim": self.embed_dim,
                            "teacher_grid": list(self.teacher_grid), "num_global_tokens": self.num_global_tokens,
-                           "layer_map": {str(k): v for k, v in self.layer_map.items()}}}
+                           "layer_map": {str(k): v for k, v in self.layer_map.items()},
+                           "upsample": self.upsample}}
 
     def describe(self) -> dict[str, Any]:
         return {"teacher_dim": self.embed_dim, "teacher_grid": list(self.teacher_grid),
                 "num_global_tokens": self.num_global_tokens,
-                "layer_map": {str(k): v for k, v in self.layer_map.items()}}
+                "layer_map": {str(k): v for k, v in self.layer_map.items()}, "upsample": self.upsample}
 
 
-__all__ = ["ProjectedStudent", "ConvProjector", "resample_to_grid"]
+__all__ = ["ProjectedStudent", "ConvProjector", "resample_to_grid", "subpixel_factor"]

@@ -42,6 +42,8 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
     tcfg = TaskLossConfig(alpha=spec.alpha, temperature=spec.temperature, dice=spec.dice)
 
     def loss_q(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if spec.eval_mode:
+            model.eval()  # idempotent; the trainer switches to train() at the start and after evaluations
         x = batch["bscan"]
         with torch.no_grad():
             ref = kd_teacher(x)
@@ -50,7 +52,8 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
             return task_kd_loss(pred, ref, batch.get("label"), short, tcfg)
         return feature_loss(pred, ref, recipe.stage1.loss)
 
-    summary = _run_stage("qat", qmodel, loss_q, train, spec, recipe, out, resume, log)
+    summary = _run_stage("qat", qmodel, loss_q, train, spec, recipe, out, resume, log,
+                         recalibrate_bn=not spec.eval_mode)
     qmodel = _unwrap(qmodel).eval()
     qdir = out / "student_int8"
     size = recipe.data.image_size

@@ -74,11 +74,13 @@ class TeacherSpec:
 @dataclass
 class StudentSpec:
     """name: registered student. layer_map: teacher block -> student stage (keys are strings in TOML).
-    reparameterize: fuse MobileOne/RepViT branches before QAT and export."""
+    reparameterize: fuse MobileOne/RepViT branches before QAT and export.
+    upsample: projector to a finer teacher grid, "shuffle" (learned sub-pixel) or "bilinear"."""
 
     name: str = "student-tiny"
     layer_map: dict[str, int] = field(default_factory=dict)
     reparameterize: bool = True
+    upsample: Literal["shuffle", "bilinear"] = "shuffle"
 
 
 @dataclass
@@ -160,6 +162,12 @@ class QATSpec:
     INT8 - FP32 measures quantization only. Mixing the labels back in keeps training the task during
     QAT (measured: RepViT-M0.9 +0.95 Dice points from 2 QAT epochs with alpha 0.7 and Dice 1, with
     the quantizers off), which the INT8 - FP32 difference then also contains.
+
+    eval_mode: the fake-quant model trains in eval mode - BatchNorm keeps the FP32 student's
+    (precise) running statistics, as torch.ao's QAT recipe freezes them, and dropout is off - so it
+    learns the FP32 student's deterministic output. In train mode, batch statistics of 8-16 images
+    made QAT worse than calibration alone (cls MobileNetV4: INT8 - FP32 -2.5 points after 2 QAT
+    epochs vs +0.4 after calibration; distill/README.md).
     """
 
     enabled: bool = False
@@ -177,6 +185,7 @@ class QATSpec:
     alpha: float = 1.0
     dice: float = 0.0
     onnx_opset: int = 17
+    eval_mode: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -231,16 +231,18 @@ for _name in STUDENTS:
 @register_model(name="projected-student")
 def projected_student(pretrained: bool = False, student: str = "student-tiny", img_size: int = 512,
                       reparameterized: bool = False, teacher_dim: int = 192, teacher_grid: Sequence[int] = (16, 16),
-                      num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None) -> nn.Module:
+                      num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None,
+                      upsample: str = "bilinear") -> nn.Module:
     """A student + its learned projector into a teacher's token space (`mirage_edge.distill.projector`):
-    the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry."""
+    the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry.
+    `upsample` defaults to "bilinear" here because checkpoints written before it existed used it."""
     from mirage_edge.distill.projector import ProjectedStudent
 
     if pretrained:
         raise ConfigError("projected-student has no pretrained weights; load a distilled checkpoint instead")
     enc = build_student(student, img_size=img_size, reparameterized=reparameterized)
     return ProjectedStudent(enc, teacher_dim, teacher_grid, num_global_tokens,
-                            {int(k): int(v) for k, v in (layer_map or {}).items()})
+                            {int(k): int(v) for k, v in (layer_map or {}).items()}, upsample=upsample)
 
 __all__ = ["StudentConfig", "StudentEncoder", "STUDENTS", "ALIASES", "build_student", "student_from_config",
            "is_student", "STRIDE"]
