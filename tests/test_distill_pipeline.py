@@ -175,3 +175,29 @@ def test_cross_modal_distillation_and_its_benchmark(tmp_path):
         assert 0.0 <= m["probe_token_accuracy"] <= 1.0
     a = rec["models"]["student_A"]
     assert -1.0 <= a["slo_part_alignment"] <= 1.0 and -1.0 <= a["cos_to_teacher_bscan_slo"] <= 1.0
+
+
+def test_stage1_on_a_separate_unlabelled_folder(seg_setup, tmp_path):
+    """stage1.data: feature KD on another folder's images (any image folder), stage 2 on data.path."""
+    import numpy as np
+    from PIL import Image
+
+    from mirage_edge.distill import distill
+    from mirage_edge.errors import DataError
+
+    root, data, teacher = seg_setup
+    extra = tmp_path / "unlabelled"
+    extra.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (80, 96), dtype=np.uint8)).save(extra / f"scan_{i}.png")
+    logs: list[str] = []
+    res = distill(_recipe(root, data, teacher, "run_s1data", f"stage1.data={json.dumps(str(extra))}",
+                          f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
+    st = res.report["stages"]
+    assert st["stage1"]["cache"]["computed"] == 5  # the 5 unlabelled images, not data.path's train split
+    assert st["stage2"]["cache"]["computed"] > 5
+    assert any("stage 1 on" in m and "(5 images)" in m for m in logs)
+    with pytest.raises(DataError, match="nowhere"):
+        distill(_recipe(root, data, teacher, "run_s1bad", f"stage1.data={json.dumps(str(tmp_path / 'nowhere'))}"),
+                log=lambda m: None)

@@ -226,7 +226,9 @@ def _teacher(recipe: DistillRecipe, log: Log) -> Teacher:
     return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model)
 
 
-def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, DistillSamples | None, DistillSamples | None]:
+def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, DistillSamples | None,
+                                                                DistillSamples | None, DistillSamples]:
+    """train, val, test of data.path and the stage-1 set (train, or stage1.data's images)."""
     d = recipe.data
     if not d.path:
         raise ConfigError("data.path is empty: give --data DIR (a RetinaBench folder or an image folder)")
@@ -245,7 +247,13 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
     def split(name: str) -> DistillSamples | None:
         return DistillSamples(index, name, spec, teacher.modalities) if name in splits else None
 
-    return train, split(d.val_split), split(d.test_split)
+    train1 = train
+    if recipe.stage1.data:
+        index1 = open_index(recipe.stage1.data, "none")
+        split1 = d.train_split if d.train_split in index1.splits else None
+        train1 = DistillSamples(index1, split1, spec, teacher.modalities, labels=False, views=d.views,
+                                augment=aug, aug_seed=d.aug_seed, limit=d.limit)
+    return train, split(d.val_split), split(d.test_split), train1
 
 
 def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False,
@@ -258,12 +266,13 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     t_start = time.perf_counter()
     # resolve teacher and data first: a bad --teacher / --data must not leave an output folder behind
     teacher = _teacher(recipe, log)
-    train, val, test = _datasets(recipe, teacher)
+    train, val, test, train1 = _datasets(recipe, teacher)
     out = _prepare_out(recipe, resume, overwrite)
     task = train.task if train.task in ("segmentation", "classification") and recipe.data.task != "none" else None
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
         f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
-        f"({len(train)} train, task {task or 'none'})")
+        f"({len(train)} train, task {task or 'none'})"
+        + (f"; stage 1 on {recipe.stage1.data} ({len(train1)} images)" if train1 is not train else ""))
 
     from mirage_edge.models.students import build_student
 
@@ -280,7 +289,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     # ---------------------------------------------------------------- stage 1
     s1 = recipe.stage1
     if s1.epochs > 0:
-        stats = attach_cache(train, teacher, recipe, False, log) if recipe.cache.enabled else None
+        stats = attach_cache(train1, teacher, recipe, False, log) if recipe.cache.enabled else None
         fcfg = s1.loss
 
         def loss1(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -297,8 +306,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             return {"val_cos": ev.feature_cosine(val, _unwrap(model).forward_features, teacher,
                                                  recipe.run.eval_batch_size)} if val is not None else {}
 
-        summary = _run_stage("stage1", proj, loss1, train, s1, recipe, out, resume, log, eval1)
-        train.cache = None
+        summary = _run_stage("stage1", proj, loss1, train1, s1, recipe, out, resume, log, eval1)
+        train1.cache = None
         report["stages"]["stage1"] = {**summary, "cache": stats}
 
     # ---------------------------------------------------------------- stage 2

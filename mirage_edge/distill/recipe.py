@@ -110,9 +110,14 @@ class DataSpec:
 
 @dataclass
 class Stage1Spec:
-    """Task-agnostic feature distillation (epochs = 0 skips it)."""
+    """Task-agnostic feature distillation (epochs = 0 skips it).
+
+    data: a folder of unlabelled B-scans (any image folder, or a RetinaBench set: its train split)
+    to distill on instead of data.path's train split - e.g. a large unlabelled archive before
+    task-aware stage 2 on a small labelled set. Same preprocessing and augmentation as `data`."""
 
     epochs: int = 5
+    data: str = ""
     max_steps: int = 0
     batch_size: int = 8
     lr: float = 1e-3
