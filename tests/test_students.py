@@ -106,6 +106,43 @@ def test_projected_student_round_trip(tmp_path):
         torch.testing.assert_close(back.forward_features(x), tokens)
 
 
+def test_input_scale_gives_a_finer_grid_and_round_trips(tmp_path):
+    """input_scale=2: a 128 px ViT-Ti/32 sees the image at 256 px inside the model -> 8 x 8 tokens,
+    the grid of a teacher with 16 px patches; checkpoint and ONNX still take 128 px."""
+    import onnxruntime as ort
+
+    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models import save_model
+
+    vit = build_student("vit_tiny_patch32", img_size=128, input_scale=2).eval()
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        assert vit.forward_features(x).shape == (2, 64, 192)
+        ref = build_student("vit_tiny_patch32", img_size=256).eval()
+        ref.load_state_dict(vit.state_dict())
+        up = torch.nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(vit.forward_features(x), ref.forward_features(up))
+    assert vit.token_grid(128, 128) == (8, 8) and vit.patch_size == (16, 16)
+    cnn = build_student("student-tiny", img_size=64, input_scale=2).eval()
+    assert cnn.forward_intermediates(torch.rand(1, 1, 64, 64), [-1])[0].shape[-2:] == (4, 4)
+
+    proj = ProjectedStudent(vit, teacher_dim=48, teacher_grid=(8, 8), num_global_tokens=1).eval()
+    with torch.no_grad():
+        tokens = proj.forward_features(x)
+    assert tokens.shape == (2, 65, 48)
+    save_model(proj, tmp_path / "p")
+    back = create_model("mirage", checkpoint=tmp_path / "p").eval()
+    assert back.student.input_scale == 2
+    with torch.no_grad():
+        torch.testing.assert_close(back.forward_features(x), tokens)
+    onnx_path = tmp_path / "p.onnx"
+    torch.onnx.export(proj, (x,), str(onnx_path), input_names=["x"], dynamo=False)
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"x": x.numpy()})[0]
+    assert float(abs(got - tokens.numpy()).max()) < 1e-3
+    with pytest.raises(ConfigError, match="input_scale"):
+        build_student("student-tiny", img_size=64, input_scale=3)
+
+
 def test_projector_subpixel_upsampling_is_local_to_each_student_cell():
     """A teacher grid 4x finer than the student map (8 x 8 vs 2 x 2): each student cell predicts its
     own 4 x 4 tokens (PixelShuffle); bilinear interpolation spreads a cell over the whole grid."""

@@ -276,7 +276,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
     from mirage_edge.models.students import build_student
 
-    student = build_student(recipe.student.name, img_size=recipe.data.image_size)
+    student = build_student(recipe.student.name, img_size=recipe.data.image_size,
+                            input_scale=recipe.student.input_scale)
     layer_map = {int(k): int(v) for k, v in recipe.student.layer_map.items()}
     missing = [t for t in layer_map if t not in teacher.layers]
     if missing:

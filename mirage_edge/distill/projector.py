@@ -98,7 +98,8 @@ class ProjectedStudent(nn.Module):
         self.upsample = upsample
         c = int(student.embed_dim)
         stride = int(stages[-1][1]) if (stages := getattr(student, "stage_info", None)) else 32
-        hw = (self.input_size[0] // stride, self.input_size[1] // stride) if self.input_size[0] else None
+        scale = int(getattr(student, "input_scale", 1))  # the student upsamples its input by this
+        hw = (self.input_size[0] * scale // stride, self.input_size[1] * scale // stride) if self.input_size[0] else None
         self.proj = ConvProjector(c, self.embed_dim, self.teacher_grid, fmap_hw=hw, upsample=upsample)
         if self.num_global_tokens:
             self.global_proj = nn.Sequential(nn.Linear(c, self.embed_dim), nn.GELU(),
@@ -109,7 +110,7 @@ class ProjectedStudent(nn.Module):
         for t_idx, s_idx in self.layer_map.items():
             if not -len(stages) <= s_idx < len(stages):
                 raise ValueError(f"student stage {s_idx} out of range (student has {len(stages)} stages)")
-            s_hw = (self.input_size[0] // stages[s_idx][1], self.input_size[1] // stages[s_idx][1]) \
+            s_hw = (self.input_size[0] * scale // stages[s_idx][1], self.input_size[1] * scale // stages[s_idx][1]) \
                 if self.input_size[0] else None
             self.inter_proj[str(t_idx)] = ConvProjector(stages[s_idx][0], self.embed_dim, self.teacher_grid,
                                                         fmap_hw=s_hw, upsample=upsample)
@@ -161,7 +162,8 @@ class ProjectedStudent(nn.Module):
         inner = self.student.mirage_edge_spec
         return {"name": "projected-student",
                 "kwargs": {"student": inner["name"], "img_size": inner["kwargs"]["img_size"],
-                           "reparameterized": inner["kwargs"]["reparameterized"], "teacher_dim": self.embed_dim,
+                           "reparameterized": inner["kwargs"]["reparameterized"],
+                           "input_scale": inner["kwargs"]["input_scale"], "teacher_dim": self.embed_dim,
                            "teacher_grid": list(self.teacher_grid), "num_global_tokens": self.num_global_tokens,
                            "layer_map": {str(k): v for k, v in self.layer_map.items()},
                            "upsample": self.upsample}}

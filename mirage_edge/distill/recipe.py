@@ -75,12 +75,15 @@ class TeacherSpec:
 class StudentSpec:
     """name: registered student. layer_map: teacher block -> student stage (keys are strings in TOML).
     reparameterize: fuse MobileOne/RepViT branches before QAT and export.
-    upsample: projector to a finer teacher grid, "shuffle" (learned sub-pixel) or "bilinear"."""
+    upsample: projector to a finer teacher grid, "shuffle" (learned sub-pixel) or "bilinear".
+    input_scale: upsample the input inside the student by 1, 2 or 4, so its stride-32 grid matches a
+    teacher with 32 / input_scale px patches (e.g. 2 for the 16 px tiny cls teacher at 128 px)."""
 
     name: str = "student-tiny"
     layer_map: dict[str, int] = field(default_factory=dict)
     reparameterize: bool = True
     upsample: Literal["shuffle", "bilinear"] = "shuffle"
+    input_scale: int = 1
 
 
 @dataclass

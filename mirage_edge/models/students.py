@@ -47,6 +47,10 @@ class StudentConfig:
     img_size:    square input size the student is built for (matters for ViTs only).
     timm_kwargs: extra keyword arguments for `timm.create_model` (e.g. patch_size=32).
     reparameterized: True once re-parameterisable blocks (MobileOne, RepViT) were fused for deploy.
+    input_scale: the input is upsampled (bilinear) by this factor inside the model, so the stride-32
+                 grid is `input_scale` x finer in input pixels (e.g. 2: a 128 px input gives 8 x 8
+                 tokens, the grid of a teacher with 16 px patches). The deployed model still takes
+                 img_size x img_size; the resize is part of the graph.
     """
 
     name: str
@@ -54,6 +58,7 @@ class StudentConfig:
     img_size: int = 512
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     reparameterized: bool = False
+    input_scale: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,9 +109,11 @@ class StudentEncoder(nn.Module):
 
         self.cfg = cfg
         kwargs = dict(cfg.timm_kwargs)
+        if cfg.input_scale not in (1, 2, 4):
+            raise ConfigError(f"student {cfg.name!r}: input_scale must be 1, 2 or 4, got {cfg.input_scale}")
         if _is_vit(cfg.timm_name):
             # fixed-size positional table for the deployment resolution (no resize in forward)
-            kwargs.setdefault("img_size", cfg.img_size)
+            kwargs.setdefault("img_size", cfg.img_size * cfg.input_scale)
         try:
             self.body = timm.create_model(cfg.timm_name, pretrained=False, in_chans=1, num_classes=0, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -114,10 +121,11 @@ class StudentEncoder(nn.Module):
         self._vit = _is_vit(cfg.timm_name)
         self.embed_dim = int(self.body.num_features)
         self.num_global_tokens = 0
-        self.patch_size = (STRIDE, STRIDE)
+        self.patch_size = (STRIDE // cfg.input_scale, STRIDE // cfg.input_scale)  # in input pixels
         self.input_size = (cfg.img_size, cfg.img_size)
+        self.input_scale = cfg.input_scale
         info = getattr(self.body, "feature_info", None) or []
-        # (channels, stride) of every stage forward_intermediates can return
+        # (channels, stride) of every stage forward_intermediates can return (stride in the body's pixels)
         self.stage_info: list[tuple[int, int]] = [(int(d["num_chs"]), int(d["reduction"])) for d in info]
         if self.stage_info and self.stage_info[-1][1] != STRIDE:
             raise ConfigError(f"student {cfg.name!r}: last stage has stride {self.stage_info[-1][1]}, need {STRIDE}")
@@ -135,21 +143,31 @@ class StudentEncoder(nn.Module):
             raise InputError(f"student input must be B x 1 x H x W, got {tuple(x.shape)}")
         return x
 
+    def _body_input(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """B x 1 x H x W -> B x 1 x sH x sW, s = input_scale."""
+        x = self._image(x)
+        s = self.cfg.input_scale
+        if s == 1:
+            return x
+        return nn.functional.interpolate(x, size=(x.shape[-2] * s, x.shape[-1] * s), mode="bilinear",
+                                         align_corners=False)
+
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
-        """Stride-32 token grid (rows, cols) for an H x W input (encoder protocol, models/task.py)."""
-        return int(h) // STRIDE, int(w) // STRIDE
+        """Token grid (rows, cols) for an H x W input: H * input_scale / 32 (encoder protocol, models/task.py)."""
+        s = self.cfg.input_scale
+        return int(h) * s // STRIDE, int(w) * s // STRIDE
 
     def grid_size(self, hw: Sequence[int] | None = None) -> tuple[int, int]:
         h, w = hw if hw is not None else self.input_size
         return self.token_grid(h, w)
 
     def forward_feature_map(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """B x 1 x H x W -> B x C x H/32 x W/32."""
-        x = self._image(x)
+        """B x 1 x H x W -> B x C x sH/32 x sW/32 (s = input_scale, 1 by default)."""
+        x = self._body_input(x)
         if self._vit:
             tokens = self.body.forward_features(x)  # B x (prefix + N) x C
             tokens = tokens[:, getattr(self.body, "num_prefix_tokens", 0):]
-            gh, gw = self.grid_size(x.shape[-2:])
+            gh, gw = x.shape[-2] // STRIDE, x.shape[-1] // STRIDE
             return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], gh, gw)
         return self.body.forward_features(x)
 
@@ -161,7 +179,7 @@ class StudentEncoder(nn.Module):
     def forward_intermediates(self, x: torch.Tensor | Mapping[str, torch.Tensor],
                               indices: Sequence[int]) -> list[torch.Tensor]:
         """Stage outputs B x C_i x h_i x w_i for stage `indices` (negative counts from the end)."""
-        x = self._image(x)
+        x = self._body_input(x)
         n = len(self.stage_info)
         idx = [i % n for i in indices]
         # timm: an int means "the last n"; a list selects stages by index
@@ -175,6 +193,7 @@ class StudentEncoder(nn.Module):
         """Registry name + kwargs that rebuild this encoder (used by mirage_edge.models.save_model)."""
         return {"name": self.cfg.name, "kwargs": {"img_size": self.cfg.img_size,
                                                   "reparameterized": self.cfg.reparameterized,
+                                                  "input_scale": self.cfg.input_scale,
                                                   **{k: v for k, v in self.cfg.timm_kwargs.items()
                                                      if k not in STUDENTS[self.cfg.name][1]}}}
 
@@ -188,15 +207,17 @@ class StudentEncoder(nn.Module):
         return self
 
 
-def build_student(name: str, img_size: int = 512, **timm_kwargs: Any) -> StudentEncoder:
-    """Student `name` (registered name or alias) built for `img_size` x `img_size` inputs."""
+def build_student(name: str, img_size: int = 512, input_scale: int = 1, **timm_kwargs: Any) -> StudentEncoder:
+    """Student `name` (registered name or alias) built for `img_size` x `img_size` inputs, upsampled by
+    `input_scale` inside the model (see StudentConfig)."""
     key = ALIASES.get(name, name)
     if key not in STUDENTS:
         raise ConfigError(f"unknown student {name!r}; known: {', '.join(sorted([*STUDENTS, *ALIASES]))}")
     timm_name, base_kwargs, _ = STUDENTS[key]
     reparam = bool(timm_kwargs.pop("reparameterized", False))
     cfg = StudentConfig(name=key, timm_name=timm_name, img_size=int(img_size),
-                        timm_kwargs={**base_kwargs, **timm_kwargs}, reparameterized=reparam)
+                        timm_kwargs={**base_kwargs, **timm_kwargs}, reparameterized=reparam,
+                        input_scale=int(input_scale))
     return StudentEncoder(cfg)
 
 
@@ -232,7 +253,7 @@ for _name in STUDENTS:
 def projected_student(pretrained: bool = False, student: str = "student-tiny", img_size: int = 512,
                       reparameterized: bool = False, teacher_dim: int = 192, teacher_grid: Sequence[int] = (16, 16),
                       num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None,
-                      upsample: str = "bilinear") -> nn.Module:
+                      upsample: str = "bilinear", input_scale: int = 1) -> nn.Module:
     """A student + its learned projector into a teacher's token space (`mirage_edge.distill.projector`):
     the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry.
     `upsample` defaults to "bilinear" here because checkpoints written before it existed used it."""
@@ -240,7 +261,7 @@ def projected_student(pretrained: bool = False, student: str = "student-tiny", i
 
     if pretrained:
         raise ConfigError("projected-student has no pretrained weights; load a distilled checkpoint instead")
-    enc = build_student(student, img_size=img_size, reparameterized=reparameterized)
+    enc = build_student(student, img_size=img_size, input_scale=input_scale, reparameterized=reparameterized)
     return ProjectedStudent(enc, teacher_dim, teacher_grid, num_global_tokens,
                             {int(k): int(v) for k, v in (layer_map or {}).items()}, upsample=upsample)
 
