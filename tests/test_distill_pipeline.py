@@ -201,3 +201,63 @@ def test_stage1_on_a_separate_unlabelled_folder(seg_setup, tmp_path):
     with pytest.raises(DataError, match="nowhere"):
         distill(_recipe(root, data, teacher, "run_s1bad", f"stage1.data={json.dumps(str(tmp_path / 'nowhere'))}"),
                 log=lambda m: None)
+
+
+def test_stage2_adds_unlabelled_images_as_kd_only(seg_setup, tmp_path):
+    """stage2.data: unlabelled images join stage 2 with the teacher's logits as their only target."""
+    import numpy as np
+    from PIL import Image
+
+    from mirage_edge.distill import distill
+
+    root, data, teacher = seg_setup
+    extra = tmp_path / "unlabelled2"
+    extra.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (80, 96), dtype=np.uint8)).save(extra / f"scan_{i}.png")
+    logs: list[str] = []
+    res = distill(_recipe(root, data, teacher, "run_s2data", f"stage2.data={json.dumps(str(extra))}",
+                          f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
+    st = res.report["stages"]
+    n_train = st["stage1"]["cache"]["computed"]  # stage 1 stays on data.path's train split
+    assert st["stage2"]["cache"]["computed"] == n_train + 4
+    assert any("stage 2 adds 4 unlabelled images" in m for m in logs)
+    assert np.isfinite(st["stage2"]["last_loss"])
+
+
+def test_unlabelled_samples_in_a_labelled_set_are_ignored_by_ce_and_dice(seg_setup, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mirage_edge.data.preprocess import PreprocessSpec
+    from mirage_edge.distill.data import DistillSamples, open_index
+    from mirage_edge.distill.losses import TaskLossConfig, generalized_dice_loss, kd_kl, task_kd_loss
+    from mirage_edge.errors import DataError
+
+    _, data, _ = seg_setup
+    extra = tmp_path / "unl"
+    extra.mkdir()
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(extra / "a.png")
+    spec = PreprocessSpec(size=(64, 64))
+    ds = DistillSamples(open_index(data, "auto"), "train", spec)
+    n = len(ds)
+    ds.add_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
+    assert len(ds) == n + 1 and ds.sample_id(n).startswith("+")
+    assert int(ds[n]["label"].max()) == -1 and ds[n]["label"].shape == ds[0]["label"].shape
+    with pytest.raises(DataError, match="once"):
+        ds.add_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
+
+    cfg = TaskLossConfig(alpha=0.5, temperature=2.0, dice=1.0)
+    s, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    lab = torch.randint(0, 4, (3, 8, 8))
+    lab[2] = -1  # the third image is unlabelled
+    total, parts = task_kd_loss(s, t, lab, "seg", cfg)
+    kd = kd_kl(s, t, 2.0, dim=1)
+    ce = torch.nn.functional.cross_entropy(s[:2], lab[:2])
+    gd = generalized_dice_loss(s[:2], lab[:2])
+    torch.testing.assert_close(total, 0.5 * kd + 0.5 * ce + gd)
+    only_kd, parts = task_kd_loss(s, t, torch.full((3, 8, 8), -1), "seg", cfg)
+    torch.testing.assert_close(only_kd, kd)
+    assert set(parts) == {"kd"}

@@ -75,6 +75,21 @@ class DistillSamples(Dataset):
         self.aug_seed = int(aug_seed)
         self.cache: TeacherCache | None = None
         self._fp: list[str] | None = None
+        self.n_labelled = len(self.samples) if self.labels else 0
+        self.extra_root: Path | None = None
+
+    def add_unlabelled(self, other: "DistillSamples") -> "DistillSamples":
+        """Append `other`'s images (same preprocessing) as unlabelled samples: label -1 (class) or an
+        all -1 mask, which the stage-2 losses ignore. Their sample ids are prefixed "+", so cached
+        teacher outputs never mix with this set's own (the same split/id may exist in both)."""
+        if self.n_labelled != len(self.samples) or self.extra_root is not None:
+            raise DataError(f"{self.index.root}: unlabelled samples can be added once, to a labelled set")
+        if other.spec != self.spec or other.modalities != self.modalities:
+            raise DataError(f"{other.index.root}: preprocessing or modalities differ from {self.index.root}")
+        self.samples = self.samples + other.samples
+        self.extra_root = Path(other.index.root)
+        self._fp = None
+        return self
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,7 +97,7 @@ class DistillSamples(Dataset):
     # -- identity ----------------------------------------------------------------------------------
     def sample_id(self, i: int) -> str:
         s = self.samples[i]
-        return f"{s.split}/{s.id}"
+        return f"{s.split}/{s.id}" if i < self.n_labelled or not self.labels else f"+{s.split}/{s.id}"
 
     def _paths(self, i: int) -> list[Path]:
         s = self.samples[i]
@@ -98,6 +113,8 @@ class DistillSamples(Dataset):
 
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.index.root), "n": len(self), "preprocess": asdict(self.spec),
+                **({"unlabelled_root": str(self.extra_root), "n_unlabelled": len(self) - self.n_labelled}
+                   if self.extra_root is not None else {}),
                 "modalities": self.modalities, "views": self.views}
 
     # -- loading -------------------------------------------------------------------------------------
@@ -117,7 +134,12 @@ class DistillSamples(Dataset):
         item: dict[str, Any] = {"bscan": torch.from_numpy(self._image(s.image))}
         for m in self.modalities[1:]:
             item[m] = torch.from_numpy(self._image(s.modality(m)))  # type: ignore[arg-type]
-        label = self._label(s) if self.labels else None
+        label = None
+        if self.labels:
+            if i < self.n_labelled:
+                label = self._label(s)
+            else:  # an added unlabelled image: "no label" in the shape the task expects
+                label = np.full(self.spec.size, -1, np.int64) if self.task == "segmentation" else -1
         mask_t = torch.from_numpy(np.asarray(label)) if isinstance(label, np.ndarray) else None
         if view and self.augment is not None:
             from mirage_edge.data.transforms import Augment

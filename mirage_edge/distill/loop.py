@@ -253,6 +253,13 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
         split1 = d.train_split if d.train_split in index1.splits else None
         train1 = DistillSamples(index1, split1, spec, teacher.modalities, labels=False, views=d.views,
                                 augment=aug, aug_seed=d.aug_seed, limit=d.limit)
+    if recipe.stage2.data:
+        index2 = open_index(recipe.stage2.data, "none")
+        split2 = d.train_split if d.train_split in index2.splits else None
+        stage2 = DistillSamples(index, train_split, spec, teacher.modalities, views=d.views, augment=aug,
+                                aug_seed=d.aug_seed, limit=d.limit)
+        train = stage2.add_unlabelled(DistillSamples(index2, split2, spec, teacher.modalities, labels=False,
+                                                     views=d.views, augment=aug, aug_seed=d.aug_seed))
     return train, split(d.val_split), split(d.test_split), train1
 
 
@@ -272,7 +279,9 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
         f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
         f"({len(train)} train, task {task or 'none'})"
-        + (f"; stage 1 on {recipe.stage1.data} ({len(train1)} images)" if train1 is not train else ""))
+        + (f"; stage 1 on {recipe.stage1.data} ({len(train1)} images)" if recipe.stage1.data else "")
+        + (f"; stage 2 adds {len(train) - train.n_labelled} unlabelled images of {recipe.stage2.data}"
+           if recipe.stage2.data else ""))
 
     from mirage_edge.models.students import build_student
 

@@ -85,17 +85,22 @@ def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
                  task: str, cfg: TaskLossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage-2 loss for `task` "cls" (B x K logits, labels B) or "seg" (B x K x H x W, labels B x H x W).
 
-    Without labels (unlabelled data) only the KD term is used.
+    Without labels (unlabelled data) only the KD term is used; label -1 (a class, or every pixel of a
+    mask) marks an unlabelled sample within a batch.
     """
     kd = kd_kl(student_logits, teacher_logits, cfg.temperature, dim=1)
     parts = {"kd": float(kd.detach())}
     if labels is None:
         return kd, parts
+    # -1 = no label (unlabelled transfer images, stage2.data): KD only for those
+    labelled = (labels.reshape(labels.shape[0], -1) >= 0).any(dim=1)  # B
+    if not bool(labelled.any()):
+        return kd, parts
     ce = F.cross_entropy(student_logits.float(), labels.long(), ignore_index=-1)
     parts["ce"] = float(ce.detach())
     total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce
     if task == "seg" and cfg.dice:
-        gd = generalized_dice_loss(student_logits, labels)
+        gd = generalized_dice_loss(student_logits[labelled], labels[labelled])
         parts["gdice"] = float(gd.detach())
         total = total + cfg.dice * gd
     return total, parts

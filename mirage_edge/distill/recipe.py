@@ -139,9 +139,15 @@ class Stage2Spec:
     built like the teacher's with `head` settings on top - e.g. ``{preds_per_patch = 64, class_dim
     = 16, depth = 0}``: a linear sub-pixel decoder straight from the stride-32 map to 1/4 resolution,
     about half the latency of the tiny teacher's head on a 2-core CPU (benchmarks/README.md).
+
+    data: a folder of unlabelled B-scans (any image folder, or a RetinaBench set: its train split)
+    added to data.path's train split for stage 2. The teacher's logits are their only target (the
+    KD term; CE and Dice see the labelled images only): the teacher labels a transfer set larger
+    than the labelled one.
     """
 
     epochs: int = 5
+    data: str = ""
     max_steps: int = 0
     batch_size: int = 8
     lr: float = 5e-4
