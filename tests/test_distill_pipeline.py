@@ -177,20 +177,25 @@ def test_cross_modal_distillation_and_its_benchmark(tmp_path):
     assert -1.0 <= a["slo_part_alignment"] <= 1.0 and -1.0 <= a["cos_to_teacher_bscan_slo"] <= 1.0
 
 
-def test_stage1_on_a_separate_unlabelled_folder(seg_setup, tmp_path):
-    """stage1.data: feature KD on another folder's images (any image folder), stage 2 on data.path."""
+def _noise_folder(folder: Path, n: int, seed: int) -> Path:
+    """A plain folder of n random 80 x 96 greyscale PNGs (an unlabelled image folder)."""
     import numpy as np
     from PIL import Image
 
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (80, 96), dtype=np.uint8)).save(folder / f"scan_{i}.png")
+    return folder
+
+
+def test_stage1_on_a_separate_unlabelled_folder(seg_setup, tmp_path):
+    """stage1.data: feature KD on another folder's images (any image folder), stage 2 on data.path."""
     from mirage_edge.distill import distill
     from mirage_edge.errors import DataError
 
     root, data, teacher = seg_setup
-    extra = tmp_path / "unlabelled"
-    extra.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (80, 96), dtype=np.uint8)).save(extra / f"scan_{i}.png")
+    extra = _noise_folder(tmp_path / "unlabelled", 5, seed=0)
     logs: list[str] = []
     res = distill(_recipe(root, data, teacher, "run_s1data", f"stage1.data={json.dumps(str(extra))}",
                           f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
@@ -205,17 +210,12 @@ def test_stage1_on_a_separate_unlabelled_folder(seg_setup, tmp_path):
 
 def test_stage2_adds_unlabelled_images_as_kd_only(seg_setup, tmp_path):
     """stage2.data: unlabelled images join stage 2 with the teacher's logits as their only target."""
-    import numpy as np
-    from PIL import Image
+    import math
 
     from mirage_edge.distill import distill
 
     root, data, teacher = seg_setup
-    extra = tmp_path / "unlabelled2"
-    extra.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (80, 96), dtype=np.uint8)).save(extra / f"scan_{i}.png")
+    extra = _noise_folder(tmp_path / "unlabelled2", 4, seed=1)
     logs: list[str] = []
     res = distill(_recipe(root, data, teacher, "run_s2data", f"stage2.data={json.dumps(str(extra))}",
                           f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
@@ -223,7 +223,7 @@ def test_stage2_adds_unlabelled_images_as_kd_only(seg_setup, tmp_path):
     n_train = st["stage1"]["cache"]["computed"]  # stage 1 stays on data.path's train split
     assert st["stage2"]["cache"]["computed"] == n_train + 4
     assert any("stage 2 adds 4 unlabelled images" in m for m in logs)
-    assert np.isfinite(st["stage2"]["last_loss"])
+    assert math.isfinite(st["stage2"]["last_loss"])
 
 
 def test_unlabelled_samples_in_a_labelled_set_are_ignored_by_ce_and_dice(seg_setup, tmp_path):
@@ -244,7 +244,10 @@ def test_unlabelled_samples_in_a_labelled_set_are_ignored_by_ce_and_dice(seg_set
     ds = DistillSamples(open_index(data, "auto"), "train", spec)
     n = len(ds)
     ds.add_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
-    assert len(ds) == n + 1 and ds.sample_id(n).startswith("+")
+    assert len(ds) == n + 1
+    # ids carry their folder: the same split/id in two folders never shares a cache entry
+    assert ds.sample_id(n).split(":")[0] != ds.sample_id(0).split(":")[0]
+    assert ds.sample_id(0).split(":")[1] == f"{ds.samples[0].split}/{ds.samples[0].id}"
     assert int(ds[n]["label"].max()) == -1 and ds[n]["label"].shape == ds[0]["label"].shape
     with pytest.raises(DataError, match="once"):
         ds.add_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))

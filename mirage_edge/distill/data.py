@@ -9,7 +9,7 @@ see identical pixels. Every item is::
      "t_<name>": cached teacher target (float32), when a TeacherCache is attached}
 
 Views: with ``views > 1`` sample i has `views` fixed augmented versions (flip/affine/intensity of
-`mirage_edge.data.transforms.Augment`, generator seeded by (aug_seed, sample id, view)); each epoch
+`mirage_edge.data.transforms.Augment`, generator seeded by (aug_seed, split/id, view)); each epoch
 picks one at random (the trainer seeds that draw per epoch and sample). Teacher outputs are cached
 per view, so augmentation and caching combine, as TinyViT stores its augmentation parameters.
 """
@@ -41,6 +41,11 @@ def open_index(root: str | Path, task: str) -> DatasetIndex:
 
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _root_tag(root: str | Path) -> str:
+    """Short stable tag of a dataset folder (its resolved path)."""
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
 
 
 class DistillSamples(Dataset):
@@ -77,16 +82,19 @@ class DistillSamples(Dataset):
         self._fp: list[str] | None = None
         self.n_labelled = len(self.samples) if self.labels else 0
         self.extra_root: Path | None = None
+        # the folder is part of a sample's id: two folders with the same split/id (data.path,
+        # stage1.data, stage2.data) must not share - or keep overwriting - cached teacher outputs
+        self._tags = [_root_tag(index.root)] * len(self.samples)
 
     def add_unlabelled(self, other: "DistillSamples") -> "DistillSamples":
         """Append `other`'s images (same preprocessing) as unlabelled samples: label -1 (class) or an
-        all -1 mask, which the stage-2 losses ignore. Their sample ids are prefixed "+", so cached
-        teacher outputs never mix with this set's own (the same split/id may exist in both)."""
+        all -1 mask, which the stage-2 losses ignore."""
         if self.n_labelled != len(self.samples) or self.extra_root is not None:
             raise DataError(f"{self.index.root}: unlabelled samples can be added once, to a labelled set")
         if other.spec != self.spec or other.modalities != self.modalities:
             raise DataError(f"{other.index.root}: preprocessing or modalities differ from {self.index.root}")
         self.samples = self.samples + other.samples
+        self._tags = self._tags + other._tags
         self.extra_root = Path(other.index.root)
         self._fp = None
         return self
@@ -97,7 +105,7 @@ class DistillSamples(Dataset):
     # -- identity ----------------------------------------------------------------------------------
     def sample_id(self, i: int) -> str:
         s = self.samples[i]
-        return f"{s.split}/{s.id}" if i < self.n_labelled or not self.labels else f"+{s.split}/{s.id}"
+        return f"{self._tags[i]}:{s.split}/{s.id}"
 
     def _paths(self, i: int) -> list[Path]:
         s = self.samples[i]
@@ -144,7 +152,8 @@ class DistillSamples(Dataset):
         if view and self.augment is not None:
             from mirage_edge.data.transforms import Augment
 
-            gen = torch.Generator().manual_seed(_seed(self.aug_seed, self.sample_id(i), view))
+            # seeded by split/id, not the folder: a moved dataset keeps its augmentations
+            gen = torch.Generator().manual_seed(_seed(self.aug_seed, f"{s.split}/{s.id}", view))
             aug = Augment(self.augment, generator=gen)
             if mask_t is not None:
                 item["bscan"], mask_t = aug(item["bscan"], mask_t)

@@ -240,26 +240,24 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
 
         aug = AugmentConfig()
     splits = set(index.splits)
-    train_split = d.train_split if d.train_split in splits else None
-    train = DistillSamples(index, train_split, spec, teacher.modalities, views=d.views, augment=aug,
-                           aug_seed=d.aug_seed, limit=d.limit)
+
+    def samples(idx: Any, split: str | None, labels: bool = True, limit: int = d.limit) -> DistillSamples:
+        return DistillSamples(idx, split, spec, teacher.modalities, labels=labels, views=d.views, augment=aug,
+                              aug_seed=d.aug_seed, limit=limit)
+
+    def train_of(folder: str, limit: int = 0) -> DistillSamples:
+        """An extra folder's images, unlabelled: its train split if it has one, else all of it."""
+        idx = open_index(folder, "none")
+        return samples(idx, d.train_split if d.train_split in idx.splits else None, labels=False, limit=limit)
 
     def split(name: str) -> DistillSamples | None:
         return DistillSamples(index, name, spec, teacher.modalities) if name in splits else None
 
-    train1 = train
-    if recipe.stage1.data:
-        index1 = open_index(recipe.stage1.data, "none")
-        split1 = d.train_split if d.train_split in index1.splits else None
-        train1 = DistillSamples(index1, split1, spec, teacher.modalities, labels=False, views=d.views,
-                                augment=aug, aug_seed=d.aug_seed, limit=d.limit)
-    if recipe.stage2.data:
-        index2 = open_index(recipe.stage2.data, "none")
-        split2 = d.train_split if d.train_split in index2.splits else None
-        stage2 = DistillSamples(index, train_split, spec, teacher.modalities, views=d.views, augment=aug,
-                                aug_seed=d.aug_seed, limit=d.limit)
-        train = stage2.add_unlabelled(DistillSamples(index2, split2, spec, teacher.modalities, labels=False,
-                                                     views=d.views, augment=aug, aug_seed=d.aug_seed))
+    train_split = d.train_split if d.train_split in splits else None
+    train = samples(index, train_split)
+    train1 = train_of(recipe.stage1.data, d.limit) if recipe.stage1.data else train
+    if recipe.stage2.data:  # a set of its own: stage 1 may be reading `train`
+        train = samples(index, train_split).add_unlabelled(train_of(recipe.stage2.data))
     return train, split(d.val_split), split(d.test_split), train1
 
 
