@@ -133,3 +133,49 @@ def test_fill_with_real_teacher_and_invalidate_on_weight_change(tmp_path):
     s4 = attach_cache(DistillSamples(index, "train", PreprocessSpec(size=(64, 64), scaling="divide"), ["bscan"]),
                       changed, recipe, False, lambda m: None)
     assert s4["computed"] == len(ds) and s4["dir"] != s3["dir"]
+
+
+def _fill_in_process(root: str, ids: list[str], barrier) -> None:
+    cache = TeacherCache(root, _key(views=2), shard_size=3)
+    barrier.wait()
+    with cache.locked():
+        cache.open()
+        for k, (sid, v) in enumerate(cache.missing([(i, "f") for i in ids])):
+            seed = sum(map(ord, sid)) + v
+            cache.write(sid, v, {n: np.full(s, seed, np.float32) for n, s in SHAPES.items()})
+            if k % 4 == 3:  # publish often, as fill_cache does, so an unlocked reader would see halves
+                cache.commit()
+
+
+def test_concurrent_fills_of_one_cache_keep_every_entry(tmp_path):
+    """Two runs filling the same cache at once (two students distilled side by side) must not
+    overwrite each other's rows or index entries, nor delete a folder the other is writing."""
+    mp = pytest.importorskip("multiprocessing")
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    pytest.importorskip("fcntl", reason="the cache lock is POSIX flock")
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    a, b = [f"train/s{i}" for i in range(0, 60)], [f"train/s{i}" for i in range(30, 90)]
+    procs = [ctx.Process(target=_fill_in_process, args=(str(tmp_path), ids, barrier)) for ids in (a, b)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    cache = TeacherCache(tmp_path, _key(views=2), shard_size=3).open()
+    assert cache.status == "reused"
+    ids = sorted(set(a) | set(b))
+    assert cache.missing([(i, "f") for i in ids]) == []
+    for sid in ids:
+        for v in (0, 1):
+            assert float(cache.read(sid, v)["l0"][0, 0]) == float(np.float16(sum(map(ord, sid)) + v)), (sid, v)
+
+
+def test_empty_shard_is_rebuilt(tmp_path):
+    c = TeacherCache(tmp_path, _key()).open()
+    _fill(c, ["a"])
+    c.close()
+    next(c.dir.glob("tokens.*.npy")).write_bytes(b"")  # a crash between create and header write
+    again = TeacherCache(tmp_path, _key()).open()
+    assert again.status.startswith("rebuilt") and "corrupt shard" in again.status

@@ -16,6 +16,10 @@ and every shard must exist with the expected dtype/shape; otherwise the folder i
 rebuilt (the reason is reported in ``cache.status``). Writes: shards are flushed before
 ``index.json`` / ``manifest.json`` are replaced atomically, so a crash only loses uncommitted rows.
 
+Concurrency: runs that share a cache (two students distilled at once) validate and fill it under
+an exclusive lock (``TeacherCache.locked``, POSIX ``flock`` on ``<digest[:16]>.lock``), re-reading
+the index inside it; rows, once committed, never move, so readers need no lock.
+
 Layout::
 
     manifest.json            {"format", "version", "key", "digest", "shard_size", "outputs", "rows"}
@@ -26,12 +30,13 @@ Row of (sample, view) = sample_row * views + view.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -91,6 +96,28 @@ class TeacherCache:
         self._dirty = False
 
     # -- open / validate -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, log: Callable[[str], None] | None = None) -> Iterator["TeacherCache"]:
+        """Hold this cache's inter-process lock: `open()` and the fill go inside it (see module docstring)."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): concurrent runs on one cache are unsupported there
+            yield self
+            return
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.with_name(self.dir.name + ".lock"), "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log:
+                    log(f"teacher cache {self.dir}: waiting for another process that is filling it")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                self.commit()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def open(self) -> "TeacherCache":
         """Validate an existing cache folder (rebuild it if stale or broken) or start a new one."""
         reason = self._problem() if self.dir.exists() else None
@@ -133,7 +160,7 @@ class TeacherCache:
                     return f"missing shard {p.name}"
                 try:
                     arr = np.load(p, mmap_mode="r")
-                except (ValueError, OSError) as exc:
+                except (ValueError, OSError, EOFError) as exc:  # EOFError: empty file
                     return f"corrupt shard {p.name}: {exc}"
                 if arr.dtype != np.dtype(self.key.dtype) or tuple(arr.shape) != (self.shard_size, *shape):
                     return f"shard {p.name} has {arr.dtype} {arr.shape}, expected {(self.shard_size, *shape)}"

@@ -96,8 +96,9 @@ def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, wi
     key = CacheKey(teacher_hash=teacher.weights_hash(), outputs=shapes, modalities=teacher.modalities,
                    preprocess=cfgmod.to_dict(ds.spec), augment=cfgmod.to_dict(ds.augment) if ds.augment else {},
                    aug_seed=ds.aug_seed, views=ds.views)
-    cache = TeacherCache(cache_root(recipe.cache.dir), key, recipe.cache.shard_size).open()
-    stats = fill_cache(cache, ds, teacher, with_logits, recipe.run.eval_batch_size, log)
+    cache = TeacherCache(cache_root(recipe.cache.dir), key, recipe.cache.shard_size)
+    with cache.locked(log):  # another run may be filling the same cache
+        stats = fill_cache(cache.open(), ds, teacher, with_logits, recipe.run.eval_batch_size, log)
     ds.cache = cache
     return stats
 
