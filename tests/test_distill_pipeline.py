@@ -189,20 +189,28 @@ def _noise_folder(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
+def _distill_with_folder(seg_setup, tmp_path: Path, stage: str, n: int, seed: int) -> tuple[dict, list[str]]:
+    """Run the tiny recipe with `<stage>.data` = a folder of n noise images; (report stages, log lines)."""
+    from mirage_edge.distill import distill
+
+    root, data, teacher = seg_setup
+    extra = _noise_folder(tmp_path / f"unlabelled_{stage}", n, seed)
+    logs: list[str] = []
+    res = distill(_recipe(root, data, teacher, f"run_{stage}data", f"{stage}.data={json.dumps(str(extra))}",
+                          f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
+    return res.report["stages"], logs
+
+
 def test_stage1_on_a_separate_unlabelled_folder(seg_setup, tmp_path):
     """stage1.data: feature KD on another folder's images (any image folder), stage 2 on data.path."""
     from mirage_edge.distill import distill
     from mirage_edge.errors import DataError
 
-    root, data, teacher = seg_setup
-    extra = _noise_folder(tmp_path / "unlabelled", 5, seed=0)
-    logs: list[str] = []
-    res = distill(_recipe(root, data, teacher, "run_s1data", f"stage1.data={json.dumps(str(extra))}",
-                          f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
-    st = res.report["stages"]
+    st, logs = _distill_with_folder(seg_setup, tmp_path, "stage1", 5, seed=0)
     assert st["stage1"]["cache"]["computed"] == 5  # the 5 unlabelled images, not data.path's train split
     assert st["stage2"]["cache"]["computed"] > 5
     assert any("stage 1 on" in m and "(5 images)" in m for m in logs)
+    root, data, teacher = seg_setup
     with pytest.raises(DataError, match="nowhere"):
         distill(_recipe(root, data, teacher, "run_s1bad", f"stage1.data={json.dumps(str(tmp_path / 'nowhere'))}"),
                 log=lambda m: None)
@@ -212,14 +220,7 @@ def test_stage2_adds_unlabelled_images_as_kd_only(seg_setup, tmp_path):
     """stage2.data: unlabelled images join stage 2 with the teacher's logits as their only target."""
     import math
 
-    from mirage_edge.distill import distill
-
-    root, data, teacher = seg_setup
-    extra = _noise_folder(tmp_path / "unlabelled2", 4, seed=1)
-    logs: list[str] = []
-    res = distill(_recipe(root, data, teacher, "run_s2data", f"stage2.data={json.dumps(str(extra))}",
-                          f"cache.dir={json.dumps(str(tmp_path / 'cache'))}"), log=logs.append)
-    st = res.report["stages"]
+    st, logs = _distill_with_folder(seg_setup, tmp_path, "stage2", 4, seed=1)
     n_train = st["stage1"]["cache"]["computed"]  # stage 1 stays on data.path's train split
     assert st["stage2"]["cache"]["computed"] == n_train + 4
     assert any("stage 2 adds 4 unlabelled images" in m for m in logs)
@@ -227,9 +228,7 @@ def test_stage2_adds_unlabelled_images_as_kd_only(seg_setup, tmp_path):
 
 
 def test_unlabelled_samples_in_a_labelled_set_are_ignored_by_ce_and_dice(seg_setup, tmp_path):
-    import numpy as np
     import torch
-    from PIL import Image
 
     from mirage_edge.data.preprocess import PreprocessSpec
     from mirage_edge.distill.data import DistillSamples, open_index
@@ -237,20 +236,18 @@ def test_unlabelled_samples_in_a_labelled_set_are_ignored_by_ce_and_dice(seg_set
     from mirage_edge.errors import DataError
 
     _, data, _ = seg_setup
-    extra = tmp_path / "unl"
-    extra.mkdir()
-    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(extra / "a.png")
+    extra = _noise_folder(tmp_path / "unl", 1, seed=2)
     spec = PreprocessSpec(size=(64, 64))
-    ds = DistillSamples(open_index(data, "auto"), "train", spec)
-    n = len(ds)
-    ds.add_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
-    assert len(ds) == n + 1
+    labelled = DistillSamples(open_index(data, "auto"), "train", spec)
+    n = len(labelled)
+    ds = labelled.with_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
+    assert len(ds) == n + 1 and len(labelled) == n  # a new set: stage 1 may still be reading the labelled one
     # ids carry their folder: the same split/id in two folders never shares a cache entry
     assert ds.sample_id(n).split(":")[0] != ds.sample_id(0).split(":")[0]
     assert ds.sample_id(0).split(":")[1] == f"{ds.samples[0].split}/{ds.samples[0].id}"
     assert int(ds[n]["label"].max()) == -1 and ds[n]["label"].shape == ds[0]["label"].shape
     with pytest.raises(DataError, match="once"):
-        ds.add_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
+        ds.with_unlabelled(DistillSamples(open_index(extra, "none"), None, spec, labels=False))
 
     cfg = TaskLossConfig(alpha=0.5, temperature=2.0, dice=1.0)
     s, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)

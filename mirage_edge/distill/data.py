@@ -15,6 +15,7 @@ per view, so augmentation and caching combine, as TinyViT stores its augmentatio
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
@@ -86,18 +87,17 @@ class DistillSamples(Dataset):
         # stage1.data, stage2.data) must not share - or keep overwriting - cached teacher outputs
         self._tags = [_root_tag(index.root)] * len(self.samples)
 
-    def add_unlabelled(self, other: "DistillSamples") -> "DistillSamples":
-        """Append `other`'s images (same preprocessing) as unlabelled samples: label -1 (class) or an
-        all -1 mask, which the stage-2 losses ignore."""
-        if self.n_labelled != len(self.samples) or self.extra_root is not None:
+    def with_unlabelled(self, other: "DistillSamples") -> "DistillSamples":
+        """A new set: these labelled samples, then `other`'s images (same preprocessing) unlabelled -
+        label -1 (class) or an all -1 mask, which the stage-2 losses ignore. `self` is unchanged."""
+        if self.n_labelled != len(self.samples):
             raise DataError(f"{self.index.root}: unlabelled samples can be added once, to a labelled set")
         if other.spec != self.spec or other.modalities != self.modalities:
             raise DataError(f"{other.index.root}: preprocessing or modalities differ from {self.index.root}")
-        self.samples = self.samples + other.samples
-        self._tags = self._tags + other._tags
-        self.extra_root = Path(other.index.root)
-        self._fp = None
-        return self
+        out = copy.copy(self)
+        out.samples, out._tags = self.samples + other.samples, self._tags + other._tags
+        out.extra_root, out.cache, out._fp = Path(other.index.root), None, None
+        return out
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -257,8 +257,8 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
     train_split = d.train_split if d.train_split in splits else None
     train = samples(index, train_split)
     train1 = train_of(recipe.stage1.data, d.limit) if recipe.stage1.data else train
-    if recipe.stage2.data:  # a set of its own: stage 1 may be reading `train`
-        train = samples(index, train_split).add_unlabelled(train_of(recipe.stage2.data))
+    if recipe.stage2.data:
+        train = train.with_unlabelled(train_of(recipe.stage2.data))
     return train, split(d.val_split), split(d.test_split), train1
 
 
