@@ -261,3 +261,28 @@ def test_unlabelled_samples_in_a_labelled_set_are_ignored_by_ce_and_dice(seg_set
     only_kd, parts = task_kd_loss(s, t, torch.full((3, 8, 8), -1), "seg", cfg)
     torch.testing.assert_close(only_kd, kd)
     assert set(parts) == {"kd"}
+
+
+def test_conv_stem_vit_student_distills_to_a_qdq_onnx(seg_setup):
+    """The supported ViT (conv stem + transformer) under NNCF's transformer rules: its stem convs are
+    quantized too, and the Q/DQ graph runs in ONNX Runtime like the fake-quant model."""
+    import onnx
+
+    from mirage_edge.distill import distill, load_student
+    from mirage_edge.distill.qat import ort_predict, ort_session
+
+    root, data, teacher = seg_setup
+    res = distill(_recipe(root, data, teacher, "vit", "qat.enabled=true", 'student.name="vit_tiny_c32"',
+                          'qat.model_type="transformer"'), log=lambda m: None)
+    graph = onnx.load(str(res.onnx_path))
+    produced_by = {o: n for n in graph.graph.node for o in n.output}
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    stem = [n for n in convs if "patch_embed" in n.name or any("patch_embed" in i for i in n.input)]
+    assert len(stem) >= 6, [n.name for n in convs]
+    # every stem conv reads a dequantized activation (INT8 kernels, not a float island)
+    assert all(produced_by[n.input[0]].op_type == "DequantizeLinear" for n in stem)
+    x = torch.rand(2, 1, 64, 64)
+    got = next(ort_predict(ort_session(res.onnx_path), [x]))
+    with torch.no_grad():
+        ref = load_student(res.int8_dir)(x)
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.97

@@ -9,8 +9,8 @@ from mirage_edge.models import create_model, list_models
 from mirage_edge.models.students import ALIASES, STUDENTS, build_student
 
 torch.set_num_threads(2)
-SUPPORTED = ["mobilenetv4_conv_small", "vit_tiny_patch32", "repvit_m0_9", "resnet18", "student-tiny"]
-REGISTERED = [*SUPPORTED, "mobileone_s0"]  # registered, not a supported student (distill/README.md)
+SUPPORTED = ["mobilenetv4_conv_small", "vit_tiny_c32", "repvit_m0_9", "resnet18", "student-tiny"]
+REGISTERED = [*SUPPORTED, "vit_tiny_patch32", "mobileone_s0"]  # the last two: not supported (distill/README.md)
 
 
 def test_registered_under_timm_names_and_aliases():
@@ -49,9 +49,45 @@ def test_vit_student_is_patch32_without_class_token():
     assert m.forward_features(torch.rand(1, 1, 128, 128)).shape == (1, 16, 192)
 
 
+def test_conv_stem_vit_student_round_trips_through_checkpoint_and_onnx(tmp_path):
+    """vit_tiny_c32: the ViT-Ti/32 whose tokens come from five 3x3 stride-2 convs + a 1x1 projection."""
+    import onnxruntime as ort
+
+    from mirage_edge.models import save_model
+    from mirage_edge.models.students import student_from_config
+
+    m = build_student("vit-tiny-32c", img_size=128).eval()
+    convs = [mod for mod in m.body.patch_embed.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 5 + [(1, 1)] and convs[-1].out_channels == 192
+    assert getattr(m.body, "num_prefix_tokens", 0) == 0 and m.patch_size == (32, 32)
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        tokens = m.forward_features(x)
+    assert tokens.shape == (2, 16, 192)
+    assert m.cfg.timm_kwargs["conv_stem"] == [16, 32, 64, 128, 256]
+    rebuilt = student_from_config(m.cfg.to_dict()).eval()
+    rebuilt.load_state_dict(m.state_dict())
+    save_model(m, tmp_path / "s")
+    back = create_model("mirage", checkpoint=tmp_path / "s").eval()
+    onnx_path = tmp_path / "s.onnx"
+    torch.onnx.export(m, (x,), str(onnx_path), input_names=["x"], dynamo=False)
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.forward_features(x), tokens)
+        torch.testing.assert_close(back.forward_features(x), tokens)
+    torch.testing.assert_close(torch.from_numpy(got), tokens, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="conv_stem needs 5 positive channel counts"):
+        build_student("vit_tiny_c32", img_size=128, conv_stem=[16, 32, 64])
+
+
 def test_no_pretrained_download_and_bad_input():
     with pytest.raises(ConfigError, match="no pretrained weights"):
         create_model("student-tiny", pretrained=True)
+    # export --input-size and bench registry rows pass the teachers' input_size keyword
+    assert create_model("vit_tiny_c32", input_size=(64, 64)).input_size == (64, 64)
+    assert create_model("student-tiny", input_size=96).input_size == (96, 96)
+    with pytest.raises(ConfigError, match="square inputs; got input_size 64 x 128"):
+        create_model("vit_tiny_c32", input_size=(64, 128))
     with pytest.raises(ConfigError, match="unknown student"):
         build_student("resnet50")
     m = build_student("student-tiny", img_size=64)

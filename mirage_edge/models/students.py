@@ -16,12 +16,16 @@ Features API (shared with the teacher, so task heads, export and bench treat bot
 * ``token_grid(H, W) -> (H // 32, W // 32)``, ``embed_dim``, ``num_global_tokens`` (0), ``input_size``,
   ``patch_size`` — the encoder protocol of `mirage_edge.models.task`.
 
-Registered names (timm names, plus short aliases): ``mobilenetv4_conv_small`` (``mnv4-small``),
-``vit_tiny_patch32`` (``vit-tiny-32``; timm ``vit_tiny_patch16_224`` with ``patch_size=32``, no
-class token, built for ``img_size``), ``repvit_m0_9`` (``repvit-m0.9``), ``resnet18`` (``resnet-18``),
-``mobileone_s0`` (``mobileone-s0``; registered but not a supported student: it does not reach the
-teacher's accuracy in our distillation budget, see distill/README.md) and ``student-tiny`` (timm
-``test_efficientnet``, ~0.1 M params, for tests).
+Registered names (timm names, plus short aliases). Supported students: ``mobilenetv4_conv_small``
+(``mnv4-small``), ``vit_tiny_c32`` (``vit-tiny-32c``: ViT-Tiny with 32 px patches whose patch
+embedding is a convolutional stem of five 3 x 3 stride-2 convs and a 1 x 1 projection, Xiao et al.
+2021 "Early convolutions help transformers see better", built from timm's ``ConvStem`` +
+``HybridEmbed``; no class token, built for ``img_size``), ``repvit_m0_9`` (``repvit-m0.9``) and
+``resnet18`` (``resnet-18``). Registered but not supported (they miss the teacher's accuracy in our
+distillation budget, see distill/README.md): ``vit_tiny_patch32`` (``vit-tiny-32``; the same ViT-Tiny
+with timm's linear 32 x 32 patchify, which does not learn few-pixel lesions at 128 px) and
+``mobileone_s0`` (``mobileone-s0``). ``student-tiny`` (timm ``test_efficientnet``, ~0.1 M params) is
+for tests.
 """
 from __future__ import annotations
 
@@ -71,7 +75,11 @@ STUDENTS: dict[str, tuple[str, dict[str, Any], str]] = {
         "MobileNetV4-conv-small, 2.5 M params; fastest at cos>=0.99 (OV INT8 1.8-2.1 ms @512, 2 cores)"),
     "vit_tiny_patch32": (
         "vit_tiny_patch16_224", {"patch_size": 32, "class_token": False, "global_pool": "avg"},
-        "ViT-Ti/32, 5.6 M params; teacher's exact token grid (OV INT8 4.9-5.2 ms @512)"),
+        "ViT-Ti/32 (linear patchify), 5.6 M params; not supported: misses few-pixel lesions at 128 px"),
+    "vit_tiny_c32": (
+        "vit_tiny_patch16_224", {"conv_stem": [16, 32, 64, 128, 256], "class_token": False, "global_pool": "avg"},
+        "ViT-Ti/32 with a conv stem (5 x 3x3 s2 + 1x1), 5.8 M params; the teacher's token grid at 512 px, "
+        "and unlike the linear patchify it learns few-pixel lesions (distill/README.md)"),
     "repvit_m0_9": (
         "repvit_m0_9", {},
         "RepViT-M0.9, 4.7 M params; best hybrid fp32 efficiency (OV bf16 12.7 ms @512)"),
@@ -89,6 +97,7 @@ STUDENTS: dict[str, tuple[str, dict[str, Any], str]] = {
 ALIASES = {
     "mnv4-small": "mobilenetv4_conv_small",
     "vit-tiny-32": "vit_tiny_patch32",
+    "vit-tiny-32c": "vit_tiny_c32",
     "repvit-m0.9": "repvit_m0_9",
     "mobileone-s0": "mobileone_s0",
     "resnet-18": "resnet18",
@@ -98,6 +107,28 @@ _VIT_FAMILIES = ("vit_", "deit_")
 
 def _is_vit(timm_name: str) -> bool:
     return timm_name.startswith(_VIT_FAMILIES)
+
+
+def _conv_stem_embed(channels: Sequence[int]) -> Any:
+    """timm embed_layer for a ViT whose tokens come from a conv stem: one 3 x 3 stride-2 conv + BN + ReLU per
+    entry of `channels` (so stride 2 ** len(channels), must be 32), then a 1 x 1 conv to the embed dim."""
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    chs = [int(c) for c in channels]
+    if 2 ** len(chs) != STRIDE or min(chs, default=0) < 1:
+        raise ConfigError(f"conv_stem needs {STRIDE.bit_length() - 1} positive channel counts (stride {STRIDE}), "
+                          f"got {channels}")
+
+    def embed(img_size: Any, in_chans: int, embed_dim: int, **kwargs: Any) -> nn.Module:
+        # the last ConvStem layer is a plain conv with bias: the 1 x 1 projection to embed_dim
+        stem = ConvStem(in_chans=in_chans, depth=len(chs) + 1, channels=(*chs, embed_dim),
+                        kernel_size=(3,) * len(chs) + (1,), stride=(2,) * len(chs) + (1,))
+        kwargs.pop("patch_size", None)
+        return HybridEmbed(stem, img_size=img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim,
+                           proj=False, **kwargs)
+
+    return embed
 
 
 class StudentEncoder(nn.Module):
@@ -114,6 +145,8 @@ class StudentEncoder(nn.Module):
         if _is_vit(cfg.timm_name):
             # fixed-size positional table for the deployment resolution (no resize in forward)
             kwargs.setdefault("img_size", cfg.img_size * cfg.input_scale)
+            if "conv_stem" in kwargs:
+                kwargs["embed_layer"] = _conv_stem_embed(kwargs.pop("conv_stem"))
         try:
             self.body = timm.create_model(cfg.timm_name, pretrained=False, in_chans=1, num_classes=0, **kwargs)
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -233,10 +266,16 @@ def is_student(name: str) -> bool:
 
 
 def _register(name: str, alias: str | None = None) -> None:
-    def builder(pretrained: bool = False, img_size: int = 512, **kwargs: Any) -> StudentEncoder:
+    def builder(pretrained: bool = False, img_size: int = 512, input_size: int | Sequence[int] | None = None,
+                **kwargs: Any) -> StudentEncoder:
         if pretrained:
             # students start from random weights: no download ever (offline, licence-clean)
             raise ConfigError(f"student {name!r} has no pretrained weights; distill it from a teacher")
+        if input_size is not None:  # the teachers' keyword (export --input-size, bench registry rows)
+            h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            if h != w:
+                raise ConfigError(f"student {name!r} is built for square inputs; got input_size {h} x {w}")
+            img_size = int(h)
         return build_student(name, img_size=img_size, **kwargs)
 
     builder.__doc__ = STUDENTS[name][2]
