@@ -88,8 +88,9 @@ def make_seg_set(root: Path, n_test: int = 6, size: int = 48, seed: int = 0) -> 
     return root
 
 
-def make_onnx_artifact(out: Path, corrupt: bool = False) -> Path:
-    """An ONNX segmentation artifact computing ThresholdSeg(0.5) on 1 x 1 x SIZE x SIZE input."""
+def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentation") -> Path:
+    """An ONNX segmentation artifact computing ThresholdSeg(0.5) on 1 x 1 x SIZE x SIZE input
+    (task="encoder": the same graph declared as an encoder whose output is a feature map)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -107,11 +108,13 @@ def make_onnx_artifact(out: Path, corrupt: bool = False) -> Path:
     model.ir_version = 8
     onnx.save(model, str(out / "model.onnx"))
     spec = PreprocessSpec(size=(SIZE, SIZE), scaling="divide", interpolation="nearest")
-    meta = ArtifactMeta(task="segmentation", format="onnx", precision="fp32", files=["model.onnx"],
+    seg = task == "segmentation"
+    meta = ArtifactMeta(task=task, format="onnx", precision="fp32", files=["model.onnx"],
                         inputs=[TensorSpec("image", ["batch", 1, SIZE, SIZE], dynamic_axes={"0": "batch"})],
-                        outputs=[TensorSpec("logits", ["batch", 2, SIZE, SIZE], kind="logits",
+                        outputs=[TensorSpec("logits", ["batch", 2, SIZE, SIZE], kind="logits" if seg else "features",
                                             dynamic_axes={"0": "batch"})],
-                        classes=["Background", "Fluid"], preprocessing={"image": spec.to_dict()}, name="threshold")
+                        classes=["Background", "Fluid"] if seg else [], preprocessing={"image": spec.to_dict()},
+                        name="threshold")
     write_meta(out, meta)
     write_sha256sums(out)
     if corrupt:

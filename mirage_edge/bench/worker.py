@@ -164,8 +164,11 @@ def _evaluate(runner: Any, task: dict[str, Any] | None, spec: dict[str, Any], re
     targets = [r for r in records if r.status == "ok"]
     if not task or not targets:
         return
-    if runner.weights == "random" or not spec.get("evaluate", True):
-        why = "random weights: latency only" if runner.weights == "random" else "evaluation disabled"
+    # an exported encoder has no task head: nothing to score, but its latency is a valid row
+    encoder = getattr(getattr(runner, "meta", None), "task", None) == "encoder"
+    if runner.weights == "random" or encoder or not spec.get("evaluate", True):
+        why = ("random weights: latency only" if runner.weights == "random" else
+               "encoder features (no task head): latency only" if encoder else "evaluation disabled")
         for r in targets:
             r.notes = "; ".join(n for n in (r.notes, why) if n)
         return
