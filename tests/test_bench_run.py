@@ -161,14 +161,20 @@ def test_an_onnx_artifact_runs_on_each_listed_runtime_and_filters_apply(tmp_path
     assert {r.model for r in recs} == {"teacher", "student"}
 
 
-def test_an_encoder_artifact_gives_latency_only_rows(tmp_path):
-    """An exported encoder (features, no task head) cannot be scored on a task: its rows keep their
-    latency with status ok and say why there is no metric, instead of an evaluation error."""
+def test_encoders_give_latency_only_rows(tmp_path):
+    """An exported or saved encoder (features, no task head) cannot be scored on a task: its rows keep
+    their latency with status ok and say why there is no metric, instead of an evaluation error."""
+    from mirage_edge.models import create_model, save_model
+
     make_onnx_artifact(tmp_path / "export" / "enc" / "onnx-fp32", task="encoder")
+    save_model(create_model("student-tiny", img_size=SIZE), tmp_path / "enc_ckpt")
     suite = _suite(tmp_path, [
         {"label": "teacher", "role": "teacher", "factory": "test_bench_toys:teacher_seg"},
         {"label": "enc", "artifacts": ["{root}/export/enc/*"]},
+        {"label": "enc_ckpt", "checkpoint": "{root}/enc_ckpt"},
     ])
-    rec = _by_model(run_suite(suite, tmp_path / "out", progress=lambda m: None).records)["enc"]
-    assert rec.status == "ok" and rec.latency_median_ms > 0
-    assert rec.primary_value is None and "encoder features (no task head): latency only" in rec.notes
+    recs = _by_model(run_suite(suite, tmp_path / "out", progress=lambda m: None).records)
+    for label in ("enc", "enc_ckpt"):
+        rec = recs[label]
+        assert rec.status == "ok" and rec.latency_median_ms > 0, (label, rec.error)
+        assert rec.primary_value is None and "encoder features (no task head): latency only" in rec.notes

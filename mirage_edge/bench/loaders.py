@@ -13,7 +13,8 @@ import numpy as np
 from mirage_edge.bench.runners import NotApplicable, Runner, TorchRunner, dir_size_mb
 from mirage_edge.errors import CheckpointError
 
-TASK_KIND = {"segmentation": "seg", "classification": "cls", "seg": "seg", "cls": "cls"}
+# "encoder": features only (an exported or saved encoder): timed on any task, never scored
+TASK_KIND = {"segmentation": "seg", "classification": "cls", "seg": "seg", "cls": "cls", "encoder": "encoder"}
 
 
 class MirageTorchRunner(TorchRunner):

@@ -30,7 +30,7 @@ class Runner:
     precision: str = "fp32"
     device: str = "cpu"
     weights: str = "trained"        # "random": latency-only row, never evaluated
-    task_kind: str = ""             # "cls" | "seg" | "" (unknown)
+    task_kind: str = ""             # "cls" | "seg" | "encoder" (latency only) | "" (unknown)
     classes: list[str] = []
     notes: str = ""
 

@@ -87,7 +87,7 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
     allowed, precisions = spec.get("allowed_backends"), spec.get("allowed_precisions")
     if (allowed is not None and runner.backend not in allowed) or (precisions and runner.precision not in precisions):
         return []  # filtered out by --backend/--precision or the model's backends, now that they are known
-    if runner.task_kind and task and runner.task_kind != task["kind"]:
+    if runner.task_kind not in ("", "encoder") and task and runner.task_kind != task["kind"]:
         return [error_row("plan", f"model is a {runner.task_kind} model but task {task['name']!r} is {task['kind']}",
                           threads=tm["threads"][0])]
 
@@ -164,11 +164,10 @@ def _evaluate(runner: Any, task: dict[str, Any] | None, spec: dict[str, Any], re
     targets = [r for r in records if r.status == "ok"]
     if not task or not targets:
         return
-    # an exported encoder has no task head: nothing to score, but its latency is a valid row
-    encoder = getattr(getattr(runner, "meta", None), "task", None) == "encoder"
-    if runner.weights == "random" or encoder or not spec.get("evaluate", True):
-        why = ("random weights: latency only" if runner.weights == "random" else
-               "encoder features (no task head): latency only" if encoder else "evaluation disabled")
+    why = ("random weights: latency only" if runner.weights == "random"
+           else "encoder features (no task head): latency only" if runner.task_kind == "encoder"
+           else "evaluation disabled" if not spec.get("evaluate", True) else "")
+    if why:
         for r in targets:
             r.notes = "; ".join(n for n in (r.notes, why) if n)
         return

@@ -272,7 +272,9 @@ def _register(name: str, alias: str | None = None) -> None:
             # students start from random weights: no download ever (offline, licence-clean)
             raise ConfigError(f"student {name!r} has no pretrained weights; distill it from a teacher")
         if input_size is not None:  # the teachers' keyword (export --input-size, bench registry rows)
-            h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            from mirage_edge.models.config import _pair
+
+            h, w = _pair(input_size)
             if h != w:
                 raise ConfigError(f"student {name!r} is built for square inputs; got input_size {h} x {w}")
             img_size = int(h)
