@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from mirage_edge.distill.recipe import RECIPES_DIR, load_recipe
-from mirage_edge.errors import CheckpointError, ConfigError
+from mirage_edge.errors import CheckpointError, ConfigError, DataError
 
 torch.set_num_threads(2)
 FAST = ["stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=4", "stage2.batch_size=4", "qat.epochs=1",
@@ -88,6 +89,24 @@ def test_seg_distill_qat_end_to_end_and_resume(seg_setup):
     assert res2.report["test"]["student_value"] == pytest.approx(test["student_value"])
     with pytest.raises(CheckpointError, match="recipe differs"):
         distill(_recipe(root, data, teacher, "run", "qat.enabled=true", "stage1.lr=0.1"), resume=True)
+    # heldout re-scores the finished run: the same split gives the same report, "all" every image
+    from mirage_edge.distill.heldout import heldout_report
+    from mirage_edge.distill.heldout import main as heldout_main
+
+    again = heldout_report(res.out_dir, data, "test")
+    for k in ("n", "teacher_value", "student_value", "int8_value", "int8_minus_fp32_points"):
+        assert again[k] == pytest.approx(test[k]), k
+    assert heldout_report(res.out_dir, data, "all")["n"] == 12 > test["n"]
+    with pytest.raises(SystemExit, match="not a distill run folder"):
+        heldout_main([str(root), "--data", str(data)])
+    # a set with another class map is refused, not scored
+    other = root / "relabelled"
+    shutil.copytree(data, other)
+    info = json.loads((other / "INFO.json").read_text())
+    info["1"]["label"] = "not RNFL"
+    (other / "INFO.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="not the same class map"):
+        heldout_report(res.out_dir, other)
 
 
 def test_new_head_mode_and_intermediate_layers(seg_setup):
