@@ -80,6 +80,10 @@ def test_seg_distill_qat_end_to_end_and_resume(seg_setup):
     q_bn = {k: v for k, v in q.state_dict().items() if k.endswith("running_var")}
     assert fp_bn and fp_bn.keys() == q_bn.keys()
     assert all(torch.equal(fp_bn[k], q_bn[k]) for k in fp_bn)
+    # finished stages keep final.safetensors (what resume reads), not their optimizer checkpoints
+    for stage in ("stage1", "stage2", "qat"):
+        assert (res.out_dir / stage / "final.safetensors").is_file()
+        assert not (res.out_dir / stage / "checkpoints").exists()
     # an existing output folder needs --resume; resuming reuses the finished stages
     with pytest.raises(ConfigError, match="not empty"):
         distill(_recipe(root, data, teacher, "run", "qat.enabled=true"), log=logs.append)

@@ -10,7 +10,8 @@ evaluated in ONNX Runtime.
 Output folder (`recipe.out`)::
 
     recipe.toml              the resolved recipe
-    stage1/ stage2/ qat/     trainer run dirs (metrics.jsonl, checkpoints/, final/ + DONE)
+    stage1/ stage2/ qat/     trainer run dirs (metrics.jsonl, best/, final.safetensors + DONE.json;
+                             checkpoints/ while the stage runs)
     student/                 FP32 student checkpoint (mirage_edge.distill.student_io)
     student_int8/            QAT checkpoint + model.onnx (explicit Q/DQ)
     report.json              test metrics: teacher, FP32 student, INT8 (ORT); agreement; timings
@@ -191,6 +192,9 @@ def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSample
     summary = {"steps": res.steps, "seconds": res.seconds, "samples_per_s": res.samples_per_s,
                "last_loss": res.last_loss, "best": res.best_metric, "history": res.history}
     atomic_write_text(done, json.dumps(summary, default=str))
+    # a finished stage resumes from final.safetensors: its optimizer-state checkpoints (0.1-0.5 GB
+    # each for a CNN student) are never read again
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return summary
 
 
