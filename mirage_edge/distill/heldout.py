@@ -23,9 +23,8 @@ SPLITS = ("train", "val", "test", "all")
 def heldout_report(run: str | Path, data: str | Path, split: str = "test", teacher: str | None = None,
                    threads: int = 1) -> dict[str, Any]:
     """`test_report` of RUN's FP32 (and INT8, if any) student on `split` of `data` ("all": every image)."""
-    from mirage_edge.data.preprocess import PreprocessSpec
     from mirage_edge.distill.data import DistillSamples, open_index
-    from mirage_edge.distill.loop import _teacher, test_report
+    from mirage_edge.distill.loop import _preprocess, _task, _teacher, test_report
     from mirage_edge.distill.recipe import load_recipe
     from mirage_edge.distill.student_io import load_student
 
@@ -51,9 +50,8 @@ def heldout_report(run: str | Path, data: str | Path, split: str = "test", teach
         raise DataError(f"{data} has no {split!r} split (it has {', '.join(index.splits) or 'none'}); "
                         f"use --split all to score every image")
     t = _teacher(recipe, lambda m: None)
-    spec = PreprocessSpec(size=(d.image_size, d.image_size), scaling=d.scaling, minmax_order=d.minmax_order)
-    samples = DistillSamples(index, None if split == "all" else split, spec, t.modalities)
-    task = samples.task if samples.task in ("segmentation", "classification") and d.task != "none" else None
+    samples = DistillSamples(index, None if split == "all" else split, _preprocess(d), t.modalities)
+    task = _task(samples, d)
     onnx = run / "student_int8" / "model.onnx"
     rep = test_report(t, load_student(run / "student"), onnx if onnx.is_file() else None, samples, task, recipe)
     return {"run": str(run), "data": str(data), "split": split, "teacher": recipe.teacher.model, **rep}

@@ -41,7 +41,7 @@ from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
 from mirage_edge.distill.losses import feature_loss, task_kd_loss
 from mirage_edge.distill.projector import ProjectedStudent
-from mirage_edge.distill.recipe import DistillRecipe, Stage2Spec
+from mirage_edge.distill.recipe import DataSpec, DistillRecipe, Stage2Spec
 from mirage_edge.distill.student_io import save_student
 from mirage_edge.distill.teacher import Teacher, load_teacher
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
@@ -231,6 +231,16 @@ def _teacher(recipe: DistillRecipe, log: Log) -> Teacher:
     return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model)
 
 
+def _preprocess(d: DataSpec) -> PreprocessSpec:
+    """The recipe's `data` section as the preprocessing the teacher and student see."""
+    return PreprocessSpec(size=(d.image_size, d.image_size), scaling=d.scaling, minmax_order=d.minmax_order)
+
+
+def _task(ds: DistillSamples, d: DataSpec) -> str | None:
+    """The labelled task a set trains / is scored on, or None (feature distillation only)."""
+    return ds.task if ds.task in ("segmentation", "classification") and d.task != "none" else None
+
+
 def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, DistillSamples | None,
                                                                 DistillSamples | None, DistillSamples]:
     """train, val, test of data.path and the stage-1 set (train, or stage1.data's images)."""
@@ -238,7 +248,7 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
     if not d.path:
         raise ConfigError("data.path is empty: give --data DIR (a RetinaBench folder or an image folder)")
     index = open_index(d.path, d.task)
-    spec = PreprocessSpec(size=(d.image_size, d.image_size), scaling=d.scaling, minmax_order=d.minmax_order)
+    spec = _preprocess(d)
     aug = None
     if d.augment:
         from mirage_edge.data.transforms import AugmentConfig
@@ -278,7 +288,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     teacher = _teacher(recipe, log)
     train, val, test, train1 = _datasets(recipe, teacher)
     out = _prepare_out(recipe, resume, overwrite)
-    task = train.task if train.task in ("segmentation", "classification") and recipe.data.task != "none" else None
+    task = _task(train, recipe.data)
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
         f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
         f"({len(train)} train, task {task or 'none'})"
