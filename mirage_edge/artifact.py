@@ -22,7 +22,8 @@ from mirage_edge import config as _config
 from mirage_edge._io import atomic_write_text, sha256_file
 from mirage_edge.errors import ArtifactError, ConfigError
 
-SCHEMA_VERSION = 1
+# 2: quantization counts of the written file (quantizers, compute ops, share); verified_runtimes
+SCHEMA_VERSION = 2
 METADATA_FILE = "metadata.json"
 SUMS_FILE = "SHA256SUMS"
 # Key under which the metadata JSON is embedded in ONNX metadata_props / OpenVINO rt_info.
@@ -76,6 +77,14 @@ class QuantizationInfo:
     calibration_method: str = ""
     model_type: str = ""  # NNCF ModelType used ("transformer" or "default")
     notes: list[str] = field(default_factory=list)
+    # Counted in the written model file itself (ONNX graph / OpenVINO IR), so the INT8 label is
+    # checked against what ships: quantizer nodes (QuantizeLinear / FakeQuantize), and the compute
+    # ops (conv, matmul, gemm) that take quantized inputs out of all compute ops.
+    counted_in: str = ""
+    quantizers: int = 0
+    compute_ops_quantized: int = 0
+    compute_ops_total: int = 0
+    quantized_share: float | None = None
 
 
 @dataclass

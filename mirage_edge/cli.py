@@ -3,17 +3,24 @@
 Subcommands live next to the code they drive (`mirage_edge/<area>/cli.py`) and are imported only
 when named, so `mirage-edge --help` stays fast and torch-free. Those modules import click at top
 level and everything heavy inside the command bodies. Every `MirageEdgeError` becomes a one-line
-message and its exit code; `--debug` shows the traceback instead.
+message and its exit code; so does a missing optional package (a runtime-only install running a
+toolkit command), which names the extra to install. `--debug` shows the traceback instead.
+
+Logging: library modules log to `logging.getLogger(__name__)` under `mirage_edge` and never add
+handlers; the CLI adds one for the length of a command (-q warnings only, default info, -v debug,
+-vv debug from third-party libraries too).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
 import click
 
 from mirage_edge import __version__
+from mirage_edge._deps import missing_dependency
 from mirage_edge.errors import MirageEdgeError
 
 # command name -> "module:attribute". Add a line here when an area gains a command.
@@ -44,20 +51,66 @@ class _LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MirageEdgeError as exc:
-            if ctx.meta.get("mirage_edge.debug") or os.environ.get("MIRAGE_EDGE_DEBUG"):
-                raise
-            click.secho(f"error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, exc, exc)
+        except ModuleNotFoundError as exc:
+            # Commands import their heavy packages inside their bodies, so a runtime-only install
+            # meets a missing toolkit package here rather than at startup.
+            command = f"mirage-edge {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            _fail(ctx, exc, missing_dependency(exc, command))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
 
 
+def _fail(ctx: click.Context, exc: BaseException, error: MirageEdgeError | None) -> None:
+    """Print `error` in one line and exit with its code; re-raise `exc` under --debug or if unmapped."""
+    if error is None or ctx.meta.get("mirage_edge.debug") or os.environ.get("MIRAGE_EDGE_DEBUG"):
+        raise exc
+    click.secho(f"error: {error}", fg="red", err=True)
+    ctx.exit(error.exit_code)
+
+
+class _EchoHandler(logging.Handler):
+    """Writes through click, so output follows whatever stderr is current (CliRunner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if record.levelno != logging.INFO:
+                msg = f"{record.levelname.lower()}: {msg}"
+            click.echo(msg, err=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(ctx: click.Context, quiet: bool, verbose: int) -> None:
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose exclude each other")
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    ours = logging.getLogger("mirage_edge")
+    # -vv: the handler sits on the root logger, so third-party loggers (nncf, timm ...) reach it too.
+    host = logging.getLogger() if verbose >= 2 else ours
+    handler = _EchoHandler()
+    saved = (ours.level, host.level)
+    host.addHandler(handler)
+    ours.setLevel(level)
+    host.setLevel(level)
+
+    def restore() -> None:  # leave a process that embeds the CLI (tests, notebooks) as it was
+        host.removeHandler(handler)
+        ours.setLevel(saved[0])
+        host.setLevel(saved[1])
+
+    ctx.call_on_close(restore)
+
+
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="mirage-edge")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+@click.option("-v", "--verbose", count=True, help="Log debug messages (-vv: from third-party libraries too).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: int) -> None:
     """MIRAGE for the edge: train, distill, quantize, export and benchmark retinal OCT models.
 
     \b
@@ -69,6 +122,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       mirage-edge bench --suite benchmarks/suites/synthetic.toml
     """
     ctx.meta["mirage_edge.debug"] = debug
+    _configure_logging(ctx, quiet, verbose)
 
 
 def main(argv: list[str] | None = None) -> None:

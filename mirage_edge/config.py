@@ -1,11 +1,13 @@
 """Typed configs: dataclasses loaded strictly from TOML/JSON/dicts, shared by CLI and Python API.
 
-Every config in mirage-edge (train configs, distill recipes, export targets, bench suites) is a
-dataclass; this module turns files and `key.sub=value` overrides into them, failing on unknown
-keys and wrong types with the key path and the file named. Torch-free.
+Every config in mirage-edge (train configs, distill recipes, export targets, bench suites, model
+architectures, preprocessing specs) is a dataclass; this module turns files (which may `extends`
+another file), CLI flags and `key.sub=value` overrides into them (`load`), failing on unknown keys
+and wrong types with the key path and the file named. Torch-free.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -163,18 +165,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _set(data: dict[str, Any], keys: Sequence[str], value: Any, what: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{what}: '{k}' is not a table")
+        node = nxt
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of `data` with each 'a.b=value' override set (tables created as needed)."""
     out = json.loads(json.dumps(data, default=str))
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: '{k}' is not a table")
-            node = nxt
-        node[keys[-1]] = value
+        _set(out, keys, value, f"override {text!r}")
     return out
 
 
@@ -196,16 +202,82 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def curated_names(folders: Sequence[Path]) -> list[str]:
+    """Names (file stems) of the *.toml configs in `folders`, sorted."""
+    return sorted({q.stem for f in folders if f.is_dir() for q in f.glob("*.toml")})
+
+
+def find_config(name_or_path: str | Path, folders: Sequence[Path]) -> Path | None:
+    """An existing file, else a curated config in the first of `folders` holding it: a bare NAME or
+    NAME.toml, or a path ending in that folder (``distill/recipes/tiny-demo.toml`` from any cwd)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    return _curated(p, folders)
+
+
+def _curated(p: Path, folders: Sequence[Path]) -> Path | None:
+    for folder in folders:
+        # any other path names one file: a typo must not silently pick a curated config
+        if p.parent != Path(".") and not folder.as_posix().endswith("/" + p.parent.as_posix()):
+            continue
+        for cand in (folder / p.name, folder / f"{p.name}.toml"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def read_config(path: str | Path, curated: Sequence[Path] = ()) -> dict[str, Any]:
+    """`read_file` plus inheritance: a file may say ``extends = "NAME|PATH"`` and then only its changes.
+
+    The parent is a path relative to the file, else a bare NAME of a config in `curated`; it may
+    extend in turn. Tables merge key by key (the child wins); other values, lists too, are replaced.
+    """
+    p, chain, layers = Path(path), [], []
+    while True:
+        if p.resolve() in chain:
+            names = " -> ".join(str(c) for c in [*chain, p.resolve()])
+            raise ConfigError(f"'extends' makes a cycle: {names}")
+        chain.append(p.resolve())
+        data = read_file(p)
+        parent = data.pop("extends", None)
+        layers.append(data)
+        if parent is None:
+            break
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"'extends' in {p} must be a config name or path, got {parent!r}")
+        nxt = p.parent / parent if (p.parent / parent).is_file() else _curated(Path(parent), curated)
+        if nxt is None:
+            known = curated_names(curated)
+            raise ConfigError(f"'extends = {parent!r}' in {p}: no such file next to it"
+                              + (f", nor a curated name ({', '.join(known)})" if known else ""))
+        p = nxt
+    out: dict[str, Any] = {}
+    for layer in reversed(layers):
+        out = _deep_merge(out, layer)
+    return out
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
-         base: Mapping[str, Any] | None = None) -> T:
-    """Load `cls` from `base` (dict), then `path` (TOML/JSON) on top, then `overrides`."""
+         base: Mapping[str, Any] | None = None, *, sets: Mapping[str, Any] | None = None,
+         curated: Sequence[Path] = ()) -> T:
+    """The one way to build a config: `base` (dict) < `path` (TOML/JSON, may `extends` another, see
+    `read_config`) < `sets` (dotted key -> value, e.g. CLI flags; None = not given) < `overrides`
+    ('a.b=value' strings). Strict: unknown keys and wrong types fail naming the key and the source."""
     data: dict[str, Any] = dict(base or {})
-    source = None
+    sources = []
     if path is not None:
-        data = _deep_merge(data, read_file(path))
-        source = str(path)
+        data = _deep_merge(data, read_config(path, curated))
+        sources.append(str(path))
+    given = {k: v for k, v in (sets or {}).items() if v is not None}
+    if given:
+        data = copy.deepcopy(data)  # `base` may share nested tables with the caller
+    for key, value in given.items():
+        _set(data, key.split("."), value, f"setting {key!r}")
     data = apply_overrides(data, overrides)
-    return from_dict(cls, data, source=source or ("command-line overrides" if overrides else None))
+    if given or overrides:
+        sources.append("command-line overrides")
+    return from_dict(cls, data, source=" + ".join(sources) or None)
 
 
 def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,4 +326,5 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-__all__ = ["from_dict", "to_dict", "load", "read_file", "apply_overrides", "parse_override", "dumps_toml"]
+__all__ = ["from_dict", "to_dict", "load", "read_file", "read_config", "find_config", "curated_names",
+           "apply_overrides", "parse_override", "dumps_toml"]

@@ -126,7 +126,7 @@ def test_students_slot_into_task_models_and_round_trip(tmp_path):
 
 
 def test_projected_student_round_trip(tmp_path):
-    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models.projector import ProjectedStudent
     from mirage_edge.models import save_model
 
     proj = ProjectedStudent(build_student("student-tiny", img_size=64), teacher_dim=48, teacher_grid=(8, 8),
@@ -147,7 +147,7 @@ def test_input_scale_gives_a_finer_grid_and_round_trips(tmp_path):
     the grid of a teacher with 16 px patches; checkpoint and ONNX still take 128 px."""
     import onnxruntime as ort
 
-    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models.projector import ProjectedStudent
     from mirage_edge.models import save_model
 
     vit = build_student("vit_tiny_patch32", img_size=128, input_scale=2).eval()
@@ -182,7 +182,7 @@ def test_input_scale_gives_a_finer_grid_and_round_trips(tmp_path):
 def test_projector_subpixel_upsampling_is_local_to_each_student_cell():
     """A teacher grid 4x finer than the student map (8 x 8 vs 2 x 2): each student cell predicts its
     own 4 x 4 tokens (PixelShuffle); bilinear interpolation spreads a cell over the whole grid."""
-    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models.projector import ProjectedStudent
 
     torch.manual_seed(0)
     shuf = ProjectedStudent(build_student("student-tiny", img_size=64), 16, (8, 8), 0).eval()
@@ -217,7 +217,7 @@ def test_resnet18_student_qat_exports_to_qdq_onnx(tmp_path):
     runs in ONNX Runtime like the fake-quant torch model (tiny input, random weights)."""
     pytest.importorskip("nncf")
     pytest.importorskip("onnxruntime")
-    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models.projector import ProjectedStudent
     from mirage_edge.distill.qat import export_qdq_onnx, ort_predict, ort_session, prepare_qat
     from mirage_edge.distill.recipe import QATSpec
     from mirage_edge.models.task import segmentation_model

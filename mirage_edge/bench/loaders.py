@@ -140,6 +140,7 @@ class ArtifactRunner(Runner):
         self._runtime_device = index if backend == "tensorrt" else None
         q = self.meta.quantization
         self.notes = f"{self.meta.format} artifact" + (f", {q.method}" if q else "")
+        self.quantized_share = q.quantized_share if q is not None and self.precision == "int8" else None
         if self.meta.format == "openvino" or backend == "openvino":
             hint = (self.meta.runtime.get("openvino") or {}).get("INFERENCE_PRECISION_HINT")
             self.notes += f", OpenVINO float ops in {hint or 'the plugin default (bf16 on avx512_bf16 CPUs)'}"

@@ -40,6 +40,8 @@ class BenchRecord:
     weights: str = "trained"        # trained | random (random-weight rows are latency-only)
     backend: str = ""               # torch | onnxruntime | openvino | tensorrt | callable
     precision: str = ""             # fp32 | fp16 | bf16 | int8
+    # int8 artifacts: share of compute ops (conv/matmul) quantized in the file that ran (its metadata)
+    quantized_share: float | None = None
     device: str = "cpu"
     threads: int = 0
     batch: int = 1

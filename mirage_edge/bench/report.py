@@ -123,19 +123,26 @@ def headline_lines(records: list[BenchRecord]) -> list[str]:
     return lines
 
 
+def _share(r: BenchRecord) -> str:
+    """Quantized share of an int8 row's compute ops ("?" for an int8 row whose file was not counted)."""
+    if r.precision != "int8":
+        return "–"
+    return "?" if r.quantized_share is None else f"{100 * r.quantized_share:.0f}%"
+
+
 def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list[str]:
     kinds = {r.task_kind for r in records}
     metrics = [m for m in (*CLS_METRICS, *SEG_METRICS) if any(getattr(r, m) is not None for r in records)]
     if not metrics:
         metrics = [PRIMARY_METRIC[k] for k in sorted(kinds) if k in PRIMARY_METRIC]
-    head = (["model", "role", "backend", "precision", "threads", "batch", "input", "median ms", "p90", "p99", "max",
+    head = (["model", "role", "backend", "precision", "int8 ops", "threads", "batch", "input", "median ms", "p90", "p99", "max",
              "n", "latency / teacher", "img/s", "load s", "peak RSS MB", "size MB", "params M", "GFLOPs"]
             + metrics + ["retention", "agree", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         ratio = latency_ratio(r, teachers)
         ratio_s = "–" if ratio is None else f"{ratio:.3f} ({1 / ratio:.1f}x)" if ratio > 0 else "–"
-        cells = [f"`{r.model}`", r.role, r.backend, r.precision, str(r.threads), str(r.batch),
+        cells = [f"`{r.model}`", r.role, r.backend, r.precision, _share(r), str(r.threads), str(r.batch),
                  f"{r.input_h}x{r.input_w}", _ms(r.latency_median_ms), _ms(r.latency_p90_ms), _ms(r.latency_p99_ms),
                  _ms(r.latency_max_ms), str(r.latency_n), ratio_s, _f(r.throughput_ips, 1), _f(r.load_time_s, 2),
                  _f(r.peak_rss_mb, 0), _f(r.file_size_mb, 2), _f(r.params_m, 2), _f(r.gflops, 2)]

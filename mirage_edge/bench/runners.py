@@ -33,6 +33,7 @@ class Runner:
     task_kind: str = ""             # "cls" | "seg" | "encoder" (latency only) | "" (unknown)
     classes: list[str] = []
     notes: str = ""
+    quantized_share: float | None = None  # int8 artifacts: from their metadata (counted in the file)
 
     def load(self, threads: int) -> None:
         """(Re)build the model/session using `threads` threads. Timed as the row's load time."""

@@ -123,26 +123,23 @@ class BenchSuite:
 _REPO_SUITES = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
 
 
+def _suite_folders() -> list[Path]:
+    return [Path.cwd() / "benchmarks" / "suites", _REPO_SUITES]
+
+
 def resolve_suite(name_or_path: str | Path) -> Path:
     """A suite file path, or a name looked up in ./benchmarks/suites and the source checkout's."""
-    p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"suite file not found: {p}")
-        return p
-    folders = (Path.cwd() / "benchmarks" / "suites", _REPO_SUITES)
-    for folder in folders:
-        if (folder / f"{p.name}.toml").is_file():
-            return folder / f"{p.name}.toml"
-    known = sorted({q.stem for f in folders if f.is_dir() for q in f.glob("*.toml")})
-    raise ConfigError(f"unknown suite {str(name_or_path)!r}; give a .toml path or one of: "
-                      f"{', '.join(known) or 'none found'}")
+    p = _config.find_config(name_or_path, _suite_folders())
+    if p is None:
+        raise ConfigError(f"unknown suite {str(name_or_path)!r}; give a .toml path or one of: "
+                          f"{', '.join(_config.curated_names(_suite_folders())) or 'none found'}")
+    return p
 
 
 def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BenchSuite:
     """Read a suite (path or name, see `resolve_suite`) strictly: unknown keys / wrong types ->
     ConfigError naming key and file."""
-    return _config.load(BenchSuite, resolve_suite(path), overrides)
+    return _config.load(BenchSuite, resolve_suite(path), overrides, curated=_suite_folders())
 
 
 def expand(text: str, suite: BenchSuite, task: str = "") -> str:

@@ -83,6 +83,7 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - every failure must become a row
         return [error_row("load", exc, threads=tm["threads"][0])]
     base.update(backend=runner.backend, precision=runner.precision, weights=runner.weights, device=runner.device,
+                quantized_share=runner.quantized_share,
                 notes="; ".join(n for n in (base.get("notes", ""), runner.notes) if n))
     allowed, precisions = spec.get("allowed_backends"), spec.get("allowed_precisions")
     if (allowed is not None and runner.backend not in allowed) or (precisions and runner.precision not in precisions):

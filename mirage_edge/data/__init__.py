@@ -8,9 +8,7 @@ torch datasets / transforms resolve lazily on first attribute access.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from mirage_edge._lazy import lazy_exports
 from mirage_edge.data.io import read_image, write_png
 from mirage_edge.data.preprocess import PreprocessSpec, preprocess, resize_mask
 
@@ -36,16 +34,5 @@ _LAZY = {
     "Augment": "mirage_edge.data.transforms",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mirage_edge.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 __all__ = ["read_image", "write_png", "PreprocessSpec", "preprocess", "resize_mask", *_LAZY]

@@ -11,7 +11,7 @@ from mirage_edge.errors import DataError
 
 
 def _synthetic(seed: int) -> dict[str, np.ndarray]:
-    from mirage_edge.data.synth import SLO_FIELD, _lesions
+    from mirage_edge.data.synth import SLO_FIELD, sample_lesions
 
     out: dict[str, np.ndarray] = {}
     for i, (key, disease, center, slice_idx) in enumerate([
@@ -23,7 +23,7 @@ def _synthetic(seed: int) -> dict[str, np.ndarray]:
         vol = R.sample_volume(rng, n, style)
         slo, vmask = R.render_slo(rng, vol, 512, SLO_FIELD)
         vol.vessels_x, vol.vessels_w = R.vessels_along_rows(vmask, SLO_FIELD, n)
-        vol.lesions = _lesions(rng, disease, vol, single=n == 1)
+        vol.lesions = sample_lesions(rng, disease, vol, single=n == 1)
         img, layers, fluid = R.render_bscan(rng, vol, slice_idx, (512, 512), style)
         out[key], out[key + "_layers"], out[key + "_fluid"] = img, layers, fluid
         if key == "normal":

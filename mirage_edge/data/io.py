@@ -14,17 +14,22 @@
 Formats: PNG / TIFF / JPEG / BMP via ``cv2.imdecode(IMREAD_UNCHANGED)`` (bytes are read with
 numpy so non-ASCII paths work), TIFF via ``tifffile`` when OpenCV cannot decode it (float TIFF,
 unusual compression), and ``.npy`` arrays (the MIRAGE pretraining format). A file that is missing,
-empty, truncated or not an image raises :class:`~mirage_edge.errors.DataError` naming the file.
+empty, truncated or not an image raises :class:`~mirage_edge.errors.DataError` naming the file; so
+does a multi-page TIFF (a whole volume in one file), which would otherwise pass as its first page.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
 from mirage_edge._io import atomic_write_bytes
 from mirage_edge.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy")
 
@@ -59,7 +64,12 @@ def _decode(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: truncated JPEG (no end-of-image marker)")
     img = None
     try:
-        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if suffix in (".tif", ".tiff"):
+            ok, pages = cv2.imdecodemulti(data, cv2.IMREAD_UNCHANGED)  # imdecode would return page 1 only
+            if ok:
+                img = _one_page(pages, path)
+        else:
+            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error:
         img = None
     if img is None and suffix in (".tif", ".tiff"):
@@ -80,13 +90,27 @@ def _read_tiff(path: Path) -> np.ndarray | None:
         import tifffile
     except ImportError:
         return None
+    log.debug("%s: OpenCV cannot decode this TIFF, reading it with tifffile", path)
     try:
-        arr = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            arr = _one_page(tif.pages, path).asarray()
+    except DataError:
+        raise
     except Exception as exc:  # tifffile raises many kinds (TiffFileError, ValueError, struct.error)
         raise DataError(f"cannot read image {path}: not a readable TIFF ({exc})") from exc
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         arr = arr[..., [2, 1, 0, *range(3, arr.shape[-1])]]  # RGB(A) -> OpenCV's BGR(A)
     return arr
+
+
+def _one_page(pages: Sequence[Any], path: Path) -> Any:
+    if len(pages) != 1:
+        raise DataError(
+            f"cannot read image {path}: a TIFF with {len(pages)} pages, expected one B-scan per file. "
+            f"Save each page as <scan>_<slice>.png (files sharing <scan> form one volume), or give the "
+            f"Predictor the pages as one N x H x W array"
+        )
+    return pages[0]
 
 
 def _to_grey(img: np.ndarray, path: Path) -> np.ndarray:

@@ -87,7 +87,8 @@ def _slices_per_volume(n: int) -> int:
     return int(np.clip(round(n / 12), 1, 16))
 
 
-def _lesions(rng: np.random.Generator, disease: str, vol: R.VolumeParams, single: bool) -> list[R.Lesion]:
+def sample_lesions(rng: np.random.Generator, disease: str, vol: R.VolumeParams,
+                   single: bool) -> list[R.Lesion]:
     """Pathologies of one volume. `single`: one-image volume (cls) -> every lesion is cut at s=0.5."""
     out: list[R.Lesion] = []
 
@@ -188,7 +189,7 @@ def _render_job(job: dict[str, Any]) -> dict[str, Any]:
                         vessels_w=[vol.vessels_w[i]])
             k = 0
         if i == 0 or single:
-            v.lesions = _lesions(rng, disease, v, single)
+            v.lesions = sample_lesions(rng, disease, v, single)
         img, layers, fluid = R.render_bscan(rng, v, k, (size, size), style)
         name = f"{job['volume']}_{i:03d}.png"
         if kind == "cls":
@@ -328,4 +329,4 @@ def _run(jobs: list[dict[str, Any]], workers: int, progress: bool) -> list[dict[
             bar.stop()
 
 
-__all__ = ["KINDS", "PIXEL_FRACTION_RANGES", "synthesize", "plan"]
+__all__ = ["KINDS", "PIXEL_FRACTION_RANGES", "synthesize", "plan", "sample_lesions"]

@@ -10,8 +10,7 @@ Importing this package is torch-free; names resolve lazily::
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mirage_edge._lazy import lazy_exports
 
 _LAZY = {
     "distill": "mirage_edge.distill.loop",
@@ -23,19 +22,8 @@ _LAZY = {
     "TeacherCache": "mirage_edge.distill.cache",
     "CacheKey": "mirage_edge.distill.cache",
     "Teacher": "mirage_edge.distill.teacher",
-    "ProjectedStudent": "mirage_edge.distill.projector",
+    "ProjectedStudent": "mirage_edge.models.projector",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mirage_edge.distill' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 __all__ = list(_LAZY)

@@ -25,7 +25,7 @@ def measure(teacher: str, student: str, data: str, image_size: int, n: int, batc
     from mirage_edge.distill.data import DistillSamples, collate, open_index
     from mirage_edge.distill.loop import attach_cache
     from mirage_edge.distill.losses import feature_loss
-    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models.projector import ProjectedStudent
     from mirage_edge.distill.recipe import DistillRecipe, FeatureLossConfig
     from mirage_edge.distill.teacher import Teacher, load_teacher
     from mirage_edge.models.students import build_student

@@ -5,7 +5,6 @@ Only click / stdlib / mirage_edge.config / errors at import time; torch loads in
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
@@ -33,11 +32,13 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (finished stages are reused).")
 @click.option("--overwrite", is_flag=True, help="Delete a non-empty --out first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the test report as JSON at the end.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved recipe (extends, flags and overrides applied) as TOML and exit.")
 @click.argument("overrides", nargs=-1)
 def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | None, student: str | None,
                 data_path: str | None, task: str | None, qat: bool | None, image_size: int | None,
                 out_dir: str | None, device: str | None, resume: bool, overwrite: bool, as_json: bool,
-                overrides: tuple[str, ...]) -> None:
+                print_config: bool, overrides: tuple[str, ...]) -> None:
     """Distill a MIRAGE teacher into an edge student (feature KD, task KD, optional QAT INT8).
 
     OVERRIDES are recipe settings as key=value (e.g. stage1.epochs=3 qat.lr=5e-5), applied last.
@@ -45,19 +46,22 @@ def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | N
     \b
     Examples:
       mirage-edge distill --recipe tiny-demo --data data/layers
+      mirage-edge distill --recipe cls-tiny-vit --print-config      # the recipe as it would run
       mirage-edge distill --recipe mirage-large-mnv4-layers --teacher runs/teacher_seg --data data/layers --qat
       mirage-edge distill --teacher tiny_official.pth --teacher-config tiny_config.json --student student-tiny \\
           --data data/mm --task none --image-size 64
     """
+    from mirage_edge.config import dumps_toml
     from mirage_edge.distill.recipe import load_recipe
 
-    flags: dict[str, Any] = {
+    rec = load_recipe(recipe, overrides, sets={
         "teacher.model": teacher, "teacher.config": teacher_config, "student.name": student,
         "data.path": data_path, "data.task": _TASKS[task] if task else None, "qat.enabled": qat,
         "data.image_size": image_size, "out": out_dir, "run.device": device,
-    }
-    flag_overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    rec = load_recipe(recipe, [*flag_overrides, *overrides])
+    })
+    if print_config:
+        click.echo(dumps_toml(rec.to_dict()), nl=False)
+        return
 
     from mirage_edge.distill.loop import distill
 

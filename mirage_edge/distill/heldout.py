@@ -24,9 +24,10 @@ def heldout_report(run: str | Path, data: str | Path, split: str = "test", teach
                    threads: int = 1) -> dict[str, Any]:
     """`test_report` of RUN's FP32 (and INT8, if any) student on `split` of `data` ("all": every image)."""
     from mirage_edge.distill.data import DistillSamples, open_index
-    from mirage_edge.distill.loop import _preprocess, _task, _teacher, test_report
+    from mirage_edge.distill.loop import test_report
     from mirage_edge.distill.recipe import load_recipe
     from mirage_edge.distill.student_io import load_student
+    from mirage_edge.distill.teacher import build_teacher
 
     run = Path(run)
     if split not in SPLITS:
@@ -49,9 +50,9 @@ def heldout_report(run: str | Path, data: str | Path, split: str = "test", teach
     if split != "all" and split not in index.splits:
         raise DataError(f"{data} has no {split!r} split (it has {', '.join(index.splits) or 'none'}); "
                         f"use --split all to score every image")
-    t = _teacher(recipe, lambda m: None)
-    samples = DistillSamples(index, None if split == "all" else split, _preprocess(d), t.modalities)
-    task = _task(samples, d)
+    t = build_teacher(recipe, lambda m: None)
+    samples = DistillSamples(index, None if split == "all" else split, d.preprocess_spec(), t.modalities)
+    task = d.labelled_task(samples.task)
     onnx = run / "student_int8" / "model.onnx"
     rep = test_report(t, load_student(run / "student"), onnx if onnx.is_file() else None, samples, task, recipe)
     return {"run": str(run), "data": str(data), "split": split, "teacher": recipe.teacher.model, **rep}

@@ -28,25 +28,24 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from mirage_edge import config as cfgmod
 from mirage_edge._io import atomic_write_text
-from mirage_edge.data.preprocess import PreprocessSpec
 from mirage_edge.distill import evaluate as ev
 from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
 from mirage_edge.distill.losses import feature_loss, task_kd_loss
-from mirage_edge.distill.projector import ProjectedStudent
-from mirage_edge.distill.recipe import DataSpec, DistillRecipe, Stage2Spec
+from mirage_edge.models.projector import ProjectedStudent
+from mirage_edge.distill.recipe import DistillRecipe, Stage2Spec
+from mirage_edge.distill.stage import Log, run_stage
 from mirage_edge.distill.student_io import save_student
-from mirage_edge.distill.teacher import Teacher, load_teacher
+from mirage_edge.distill.teacher import Teacher, build_teacher
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
-
-Log = Callable[[str], None]
+from mirage_edge.train.checkpoint import unwrap
 
 
 @dataclass
@@ -110,94 +109,6 @@ def _online_targets(teacher: Teacher, batch: dict[str, Any], with_logits: bool) 
     return teacher.targets(batch, with_logits=with_logits)
 
 
-# ------------------------------------------------------------------------------------- trainer glue
-def _loop_config(recipe: DistillRecipe, stage: Any) -> Any:
-    from mirage_edge.train.config import LoopConfig
-
-    r = recipe.run
-    return LoopConfig(device=r.device, epochs=max(1, stage.epochs), max_steps=stage.max_steps,
-                      batch_size=stage.batch_size, seed=r.seed, log_every=r.log_every,
-                      checkpoint_every=r.checkpoint_every, progress=r.progress, num_workers=r.num_workers,
-                      threads=r.threads, eval_every=r.eval_every or max(1, stage.epochs))
-
-
-def _run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples, stage: Any,
-               recipe: DistillRecipe, out: Path, resume: bool, log: Log,
-               evaluate: Callable | None = None, monitor: str | None = None,
-               recalibrate_bn: bool = True) -> dict[str, Any]:
-    """Train `model` for one stage with the generic Trainer; reuse a finished stage on resume.
-
-    BatchNorm statistics are re-estimated on training images (`run.precise_bn` batches) before
-    every validation (so `best/` holds them) and once more on the weights the stage ends with
-    (unless `recalibrate_bn` is False: a stage that trained with frozen statistics keeps them)."""
-    from safetensors.torch import load_file, save_file
-
-    from mirage_edge.distill.precise_bn import recalibrate_bn as recalibrate_bn_
-    from mirage_edge.distill.precise_bn import recalibration_batches
-
-    bn_inputs = recalibration_batches(ds, recipe.run.precise_bn, recipe.run.eval_batch_size) if recalibrate_bn else []
-
-    def recalibrate(m: nn.Module) -> None:
-        if recalibrate_bn:
-            recalibrate_bn_(_unwrap(m), bn_inputs)
-
-    def evaluate_(m: nn.Module) -> dict[str, float]:
-        recalibrate(m)
-        return evaluate(m) if evaluate is not None else {}
-
-    from mirage_edge.train.engine import Trainer
-    from mirage_edge.train.optim import CosineSchedule
-
-    run_dir = out / name
-    done = run_dir / "DONE.json"
-    final = run_dir / "final.safetensors"
-    if done.is_file() and final.is_file():
-        if not resume:
-            raise CheckpointError(f"{run_dir} already holds a finished stage; pass resume=True (--resume) "
-                                  f"or use a new output folder")
-        model.load_state_dict(load_file(str(final)), strict=True)
-        log(f"{name}: finished earlier, weights reloaded from {final}")
-        return json.loads(done.read_text())
-    loop = _loop_config(recipe, stage)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    n_steps = (len(ds) // stage.batch_size) * stage.epochs
-    total = min(n_steps, stage.max_steps) if stage.max_steps else n_steps
-    sched = CosineSchedule(base_lr=stage.lr, total_steps=max(1, total), warmup_steps=stage.warmup_steps,
-                           min_lr=stage.lr * 0.01)
-
-    def save_weights(m: nn.Module, d: Path) -> None:
-        from mirage_edge._io import atomic_path
-
-        with atomic_path(d / "model.safetensors") as tmp:
-            save_file({k: v.detach().cpu().clone().contiguous() for k, v in m.state_dict().items()}, str(tmp))
-        atomic_write_text(d / "config.json", json.dumps({"format": "mirage-edge-distill-stage", "stage": name}))
-
-    trainer = Trainer(model, loss_fn, ds, loop=loop, optimizer=opt, schedule=sched, run_dir=run_dir,
-                      evaluate=evaluate_ if evaluate is not None else None, monitor=monitor, mode="max",
-                      config=recipe.to_dict(), collate_fn=collate,
-                      save_model_fn=save_weights, description=f"distill {name}")
-    res = trainer.fit(resume="auto" if resume else None)
-    model.eval()
-    if monitor and res.best_dir is not None and (res.best_dir / "model.safetensors").is_file():
-        # best/ was saved right after its (recalibrated) evaluation: its BN statistics are current
-        model.load_state_dict(load_file(str(res.best_dir / "model.safetensors")), strict=True)
-        log(f"{name}: using best {monitor} {res.best_metric:.4f} (step {res.best_step})")
-    else:
-        recalibrate(model)  # the last weights (a no-op for BN-free models)
-    from mirage_edge._io import atomic_path
-
-    with atomic_path(final) as tmp:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    summary = {"steps": res.steps, "seconds": res.seconds, "samples_per_s": res.samples_per_s,
-               "last_loss": res.last_loss, "best": res.best_metric, "history": res.history}
-    atomic_write_text(done, json.dumps(summary, default=str))
-    # a finished stage resumes from final.safetensors: its optimizer-state checkpoints (0.1-0.5 GB
-    # each for a CNN student) are never read again
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return summary
-
-
 # ------------------------------------------------------------------------------------- the pipeline
 def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
     out = Path(recipe.out)
@@ -218,29 +129,6 @@ def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def _teacher(recipe: DistillRecipe, log: Log) -> Teacher:
-    size = recipe.data.image_size
-    model = load_teacher(recipe.teacher.model, pretrained=recipe.teacher.pretrained, input_size=size,
-                         config=recipe.teacher.config or None)
-    enc = getattr(model, "encoder", model) if hasattr(model, "head") else model
-    if tuple(enc.input_size) != (size, size):
-        if not hasattr(enc, "set_input_size"):
-            raise ConfigError(f"teacher input size {tuple(enc.input_size)} != data.image_size {size}")
-        log(f"teacher built for {tuple(enc.input_size)}: positional tables resampled to {size}x{size}")
-        enc.set_input_size(size)
-    return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model)
-
-
-def _preprocess(d: DataSpec) -> PreprocessSpec:
-    """The recipe's `data` section as the preprocessing the teacher and student see."""
-    return PreprocessSpec(size=(d.image_size, d.image_size), scaling=d.scaling, minmax_order=d.minmax_order)
-
-
-def _task(ds: DistillSamples, d: DataSpec) -> str | None:
-    """The labelled task a set trains / is scored on, or None (feature distillation only)."""
-    return ds.task if ds.task in ("segmentation", "classification") and d.task != "none" else None
-
-
 def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, DistillSamples | None,
                                                                 DistillSamples | None, DistillSamples]:
     """train, val, test of data.path and the stage-1 set (train, or stage1.data's images)."""
@@ -248,7 +136,7 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
     if not d.path:
         raise ConfigError("data.path is empty: give --data DIR (a RetinaBench folder or an image folder)")
     index = open_index(d.path, d.task)
-    spec = _preprocess(d)
+    spec = d.preprocess_spec()
     aug = None
     if d.augment:
         from mirage_edge.data.transforms import AugmentConfig
@@ -285,10 +173,10 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     torch.manual_seed(recipe.run.seed)
     t_start = time.perf_counter()
     # resolve teacher and data first: a bad --teacher / --data must not leave an output folder behind
-    teacher = _teacher(recipe, log)
+    teacher = build_teacher(recipe, log)
     train, val, test, train1 = _datasets(recipe, teacher)
     out = _prepare_out(recipe, resume, overwrite)
-    task = _task(train, recipe.data)
+    task = recipe.data.labelled_task(train.task)
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
         f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
         f"({len(train)} train, task {task or 'none'})"
@@ -317,7 +205,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
         def loss1(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
             tgt = _online_targets(teacher, batch, False)
-            tokens, inter = _unwrap(model).forward_distill(batch["bscan"])
+            tokens, inter = unwrap(model).forward_distill(batch["bscan"])
             loss, parts = feature_loss(tokens, tgt["tokens"], fcfg)
             for i, s_tok in inter.items():
                 li, _ = feature_loss(s_tok, tgt[f"l{i}"], fcfg)
@@ -326,10 +214,10 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             return loss, parts
 
         def eval1(model: nn.Module) -> dict[str, float]:
-            return {"val_cos": ev.feature_cosine(val, _unwrap(model).forward_features, teacher,
+            return {"val_cos": ev.feature_cosine(val, unwrap(model).forward_features, teacher,
                                                  recipe.run.eval_batch_size)} if val is not None else {}
 
-        summary = _run_stage("stage1", proj, loss1, train1, s1, recipe, out, resume, log, eval1)
+        summary = run_stage("stage1", proj, loss1, train1, s1, recipe, out, resume, log, eval1)
         train1.cache = None
         report["stages"]["stage1"] = {**summary, "cache": stats}
 
@@ -344,7 +232,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
         def loss2(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
             tgt = _online_targets(teacher, batch, True)
-            m = _unwrap(model)
+            m = unwrap(model)
             logits = m(batch["bscan"])
             loss, parts = task_kd_loss(logits, tgt["logits"], batch.get("label"), short, tcfg)
             if tcfg.feature and isinstance(m.encoder, ProjectedStudent):
@@ -356,11 +244,11 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
         def eval2(model: nn.Module) -> dict[str, float]:
             if val is None:
                 return {}
-            logits, labels = ev.collect(val, _unwrap(model), recipe.run.eval_batch_size)
+            logits, labels = ev.collect(val, unwrap(model), recipe.run.eval_batch_size)
             return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val, hd95=False))[1]}
 
-        summary = _run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log, eval2,
-                             "val_metric" if val is not None else None)
+        summary = run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log, eval2,
+                            "val_metric" if val is not None else None)
         train.cache = None
         report["stages"]["stage2"] = {**summary, "cache": stats}
     elif s2.epochs > 0 and task and not teacher.task:
@@ -396,12 +284,6 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     return str(o)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from mirage_edge.train.checkpoint import unwrap
-
-    return unwrap(model)
 
 
 def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, s2: Stage2Spec) -> nn.Module:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mirage_edge.distill.recipe import FeatureLossConfig, Norm, TaskLossConfig
+# the official CEGDice term, shared with fine-tuning
+from mirage_edge.train.losses import generalized_dice_loss
 
 
 def normalize_tokens(x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -62,25 +64,6 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return kl.mean() * (t * t)
 
 
-def generalized_dice_loss(logits: torch.Tensor, labels: torch.Tensor, include_background: bool = True,
-                          eps: float = 1e-6) -> torch.Tensor:
-    """Generalized Dice loss (Sudre et al. 2017): class weights 1 / (sum of true pixels)^2.
-
-    logits B x K x H x W, labels B x H x W (int64). The official MIRAGE segmentation recipe
-    trains with CE + generalized Dice.
-    """
-    k = logits.shape[1]
-    probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(labels.long().clamp_min(0), k).permute(0, 3, 1, 2).float()
-    if not include_background:
-        probs, onehot = probs[:, 1:], onehot[:, 1:]
-    dims = (0, 2, 3)
-    w = 1.0 / (onehot.sum(dims) ** 2).clamp_min(1.0)
-    inter = (w * (probs * onehot).sum(dims)).sum()
-    union = (w * (probs + onehot).sum(dims)).sum()
-    return 1.0 - (2.0 * inter + eps) / (union + eps)
-
-
 def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                  task: str, cfg: TaskLossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage-2 loss for `task` "cls" (B x K logits, labels B) or "seg" (B x K x H x W, labels B x H x W).
@@ -100,7 +83,7 @@ def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     parts["ce"] = float(ce.detach())
     total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce
     if task == "seg" and cfg.dice:
-        gd = generalized_dice_loss(student_logits[labelled], labels[labelled])
+        gd = generalized_dice_loss(student_logits[labelled], labels[labelled], ignore_index=-1)
         parts["gdice"] = float(gd.detach())
         total = total + cfg.dice * gd
     return total, parts

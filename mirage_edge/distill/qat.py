@@ -26,6 +26,7 @@ from torch import nn
 from mirage_edge._deps import require
 from mirage_edge.distill.recipe import QATSpec
 from mirage_edge.errors import ExportError
+from mirage_edge.models.quantized import count_quantizers, qdq_export_mode, qdq_summary
 
 
 def _nncf() -> Any:
@@ -66,12 +67,6 @@ def prepare_qat(model: nn.Module, calib_inputs: Sequence[torch.Tensor], spec: QA
     return qmodel, info
 
 
-def count_quantizers(model: nn.Module) -> int:
-    from nncf.torch.quantization.layers import BaseQuantizer
-
-    return sum(isinstance(m, BaseQuantizer) for m in model.modules())
-
-
 @contextlib.contextmanager
 def _quiet_nncf() -> Iterator[None]:
     import logging
@@ -85,28 +80,13 @@ def _quiet_nncf() -> Iterator[None]:
         log.setLevel(old)
 
 
-@contextlib.contextmanager
-def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily switch every NNCF quantizer to emit ONNX QuantizeLinear/DequantizeLinear pairs."""
-    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
-
-    quantizers = [m for m in model.modules() if isinstance(m, BaseQuantizer)]
-    old = [q._export_mode for q in quantizers]
-    for q in quantizers:
-        q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
-    try:
-        yield model
-    finally:
-        for q, mode in zip(quantizers, old):
-            q.set_export_mode(mode)
-
-
 def export_qdq_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = 17,
                     input_name: str = "bscan", output_name: str = "output", dynamic_batch: bool = True) -> dict[str, int]:
     """Export an NNCF-quantized model (B x 1 x H x W -> output) as an explicit Q/DQ ONNX file, atomically.
 
     The TorchScript exporter is used because torch.export cannot trace NNCF's quantizer control flow.
-    Returns op-type counts; raises ExportError if the graph has no QuantizeLinear/DequantizeLinear.
+    Returns op-type counts plus "compute_ops_quantized"; raises ExportError if the graph has no
+    QuantizeLinear/DequantizeLinear or no conv/matmul fed by them.
     """
     onnx = require("onnx", "ONNX export")
     from mirage_edge._io import atomic_path
@@ -131,6 +111,11 @@ def export_qdq_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, o
             raise ExportError(f"exported QAT graph has no QuantizeLinear/DequantizeLinear nodes: {counts}")
         if counts.get("FakeQuantize"):
             raise ExportError("exported QAT graph still holds OpenVINO FakeQuantize nodes (ONNX Runtime cannot run it)")
+        quantized, _ = qdq_summary(tmp)
+        if not quantized:
+            raise ExportError(f"exported QAT graph has Q/DQ nodes but no compute op (conv/matmul) takes a quantized "
+                              f"input: {counts}")
+        counts["compute_ops_quantized"] = sum(quantized.values())
     return counts
 
 

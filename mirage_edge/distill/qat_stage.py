@@ -22,14 +22,14 @@ from mirage_edge.distill.data import DistillSamples
 from mirage_edge.distill.losses import feature_loss, task_kd_loss
 from mirage_edge.distill.qat import export_qdq_onnx, ort_predict, ort_session, prepare_qat, qat_config
 from mirage_edge.distill.recipe import DistillRecipe, TaskLossConfig
+from mirage_edge.distill.stage import run_stage
 from mirage_edge.distill.student_io import save_qat_student
+from mirage_edge.train.checkpoint import unwrap
 
 
 def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: DistillRecipe, out: Path,
             resume: bool, meta: dict[str, Any], log: Callable[[str], None]) -> tuple[Path, Path, dict[str, Any]]:
     """Prepare, train, save and export the INT8 student. Returns (checkpoint dir, onnx path, info)."""
-    from mirage_edge.distill.loop import _run_stage, _unwrap
-
     spec = recipe.qat
     is_task = hasattr(fp32, "head") and task is not None
     kd_teacher = copy.deepcopy(fp32).eval().requires_grad_(False)
@@ -52,9 +52,9 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
             return task_kd_loss(pred, ref, batch.get("label"), short, tcfg)
         return feature_loss(pred, ref, recipe.stage1.loss)
 
-    summary = _run_stage("qat", qmodel, loss_q, train, spec, recipe, out, resume, log,
-                         recalibrate_bn=not spec.eval_mode)
-    qmodel = _unwrap(qmodel).eval()
+    summary = run_stage("qat", qmodel, loss_q, train, spec, recipe, out, resume, log,
+                        recalibrate_bn=not spec.eval_mode)
+    qmodel = unwrap(qmodel).eval()
     qdir = out / "student_int8"
     size = recipe.data.image_size
     example = torch.zeros(1, 1, size, size)
@@ -71,7 +71,8 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
     if is_task:
         parity["argmax_agreement"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
     qinfo = {**info, "nncf_config": qat_config(qmodel), "onnx_ops": {k: counts[k] for k in
-                                                                     ("QuantizeLinear", "DequantizeLinear")},
+                                                                     ("QuantizeLinear", "DequantizeLinear",
+                                                                     "compute_ops_quantized")},
              "ort_parity": parity}
     save_qat_student(qmodel, fp32, qdir, qinfo, meta)
     log(f"qat: INT8 student saved to {qdir}; Q/DQ ONNX {onnx_path} "

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from mirage_edge import config as cfgmod
 from mirage_edge.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy + OpenCV: imported when used, so loading a recipe stays light
+    from mirage_edge.data.preprocess import PreprocessSpec
 
 Norm = Literal["layernorm", "l2", "none"]
 
@@ -109,6 +112,18 @@ class DataSpec:
             raise ValueError(f"data.image_size must be a multiple of 32 (student stride), got {self.image_size}")
         if self.views < 1:
             raise ValueError(f"data.views must be >= 1, got {self.views}")
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The preprocessing teacher and student see: image_size x image_size, MIRAGE scaling."""
+        from mirage_edge.data.preprocess import PreprocessSpec
+
+        return PreprocessSpec(size=(self.image_size, self.image_size), scaling=self.scaling,
+                              minmax_order=self.minmax_order)
+
+    def labelled_task(self, found: str | None) -> str | None:
+        """The labelled task a set whose layout says `found` trains / is scored on, or None
+        (feature distillation only: an unlabelled set, or task = "none")."""
+        return found if found in ("segmentation", "classification") and self.task != "none" else None
 
 
 @dataclass
@@ -259,19 +274,22 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "distill" / "recipes"
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
     """A recipe file path, or a bare name looked up in distill/recipes/ (NAME or NAME.toml)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    for cand in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.toml"):
-        if cand.is_file():
-            return cand
-    known = sorted(q.stem for q in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
-    raise ConfigError(f"recipe {str(name_or_path)!r} not found (curated recipes: {', '.join(known) or 'none'})")
+    p = cfgmod.find_config(name_or_path, [RECIPES_DIR])
+    if p is None:
+        known = cfgmod.curated_names([RECIPES_DIR])
+        raise ConfigError(f"recipe {str(name_or_path)!r} not found "
+                          f"(curated recipes: {', '.join(known) or 'none'})")
+    return p
 
 
-def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DistillRecipe:
-    """Recipe from a TOML file (or the defaults) plus `key.sub=value` overrides; strict."""
-    return cfgmod.load(DistillRecipe, resolve_recipe_path(path) if path is not None else None, overrides)
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = (),
+                sets: Mapping[str, Any] | None = None) -> DistillRecipe:
+    """Recipe from a TOML file (or the defaults), then `sets` (dotted key -> value; None = unset),
+    then `key.sub=value` overrides; strict. A recipe file may ``extends = "NAME|PATH"`` another
+    one (a curated name or a path relative to it) and list only what differs
+    (`mirage_edge.config.read_config`)."""
+    return cfgmod.load(DistillRecipe, resolve_recipe_path(path) if path is not None else None, overrides,
+                       sets=sets, curated=[RECIPES_DIR])
 
 
 __all__ = ["DistillRecipe", "TeacherSpec", "StudentSpec", "DataSpec", "Stage1Spec", "Stage2Spec", "QATSpec",

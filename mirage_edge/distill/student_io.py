@@ -78,6 +78,8 @@ def load_student(path: str | Path) -> nn.Module:
     if missing or unexpected:
         raise CheckpointError(f"{path}/model.safetensors does not fit its fp32/ architecture: missing "
                               f"{sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    # export checks its INT8 artifacts against this graph's quantized ops (nothing lost on the way)
+    model.mirage_edge_qat_onnx = str(path / "model.onnx")
     return model.eval()
 
 

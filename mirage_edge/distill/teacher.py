@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from mirage_edge.distill.recipe import DistillRecipe
 from mirage_edge.errors import ConfigError, InputError
 
 
@@ -157,4 +158,18 @@ class Teacher:
         return {k: v.float() for k, v in res.items()}
 
 
-__all__ = ["Teacher", "load_teacher", "weights_hash"]
+def build_teacher(recipe: DistillRecipe, log: Callable[[str], None]) -> Teacher:
+    """The recipe's teacher at `data.image_size` (positional tables resampled if built for another size)."""
+    size = recipe.data.image_size
+    model = load_teacher(recipe.teacher.model, pretrained=recipe.teacher.pretrained, input_size=size,
+                         config=recipe.teacher.config or None)
+    enc = getattr(model, "encoder", model) if hasattr(model, "head") else model
+    if tuple(enc.input_size) != (size, size):
+        if not hasattr(enc, "set_input_size"):
+            raise ConfigError(f"teacher input size {tuple(enc.input_size)} != data.image_size {size}")
+        log(f"teacher built for {tuple(enc.input_size)}: positional tables resampled to {size}x{size}")
+        enc.set_input_size(size)
+    return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model)
+
+
+__all__ = ["Teacher", "load_teacher", "build_teacher", "weights_hash"]

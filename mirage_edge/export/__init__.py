@@ -7,19 +7,12 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from mirage_edge._lazy import lazy_exports
 from mirage_edge.export.target import ExportTarget, load_target
 
-_LAZY = {"export_model": "mirage_edge.export.api", "plan_export": "mirage_edge.export.wrap"}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mirage_edge.export' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "export_model": "mirage_edge.export.api",
+    "plan_export": "mirage_edge.export.wrap",
+}, globals())
 
 __all__ = ["ExportTarget", "load_target", "export_model", "plan_export"]

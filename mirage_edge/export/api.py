@@ -7,6 +7,7 @@ metadata (+ embedded copy) -> SHA256SUMS -> atomic rename into `out_dir/<format>
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import importlib.metadata
 import shutil
@@ -27,6 +28,7 @@ from mirage_edge.export.data import ExportData, load_export_data
 from mirage_edge.export.target import ExportTarget, load_target
 from mirage_edge.export.wrap import ExportPlan, plan_export
 from mirage_edge.export.writer import finalize, publish, staging_dir
+from mirage_edge.models.quantized import qdq_summary
 
 _VERSION_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "numpy", "timm")
 
@@ -78,6 +80,7 @@ def export_model(
     ref_metric = (val.task_metric(plan.task, plan.output_kind, ref, data.val_labels, plan.classes, data.val_volumes)
                   if data.val_labels is not None else None)
 
+    qat_ref = _qat_reference(model) if plan.fake_quantized else None
     results: list[Path] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as work_s:
@@ -92,6 +95,12 @@ def export_model(
             with staging_dir(final) as stage:
                 files, qinfo, extra_build, hints = _build_one(
                     fmt, prec, plan, target, base, stage, work, data, int8_cache)
+                if prec == "int8":
+                    qinfo = _count_written(fmt, stage, qinfo)
+                    say(f"{final.name}: {qinfo.quantizers} quantizers, {qinfo.compute_ops_quantized} of "
+                        f"{qinfo.compute_ops_total} compute ops quantized ({qinfo.counted_in})")
+                    if target.validation.enabled:
+                        val.check_quantized(qinfo, target.validation, f"{fmt}-{prec} artifact", qat_ref)
                 numbers = _validate(fmt, prec, plan, target, stage, files, hints, data, ref, ref_metric)
                 say(f"{final.name}: " + ", ".join(f"{k}={v:.6g}" for k, v in numbers.items()
                                                   if isinstance(v, float)))
@@ -145,7 +154,7 @@ def _int8_onnx(plan: ExportPlan, target: ExportTarget, base: Path, work: Path, d
     """The Q/DQ ONNX for int8 artifacts: the QAT export itself, or PTQ (ORT / NNCF) of the fp32 graph."""
     q = target.quantization
     if plan.fake_quantized:
-        quantized, floating = onnx_x.qdq_summary(base)
+        quantized, floating = qdq_summary(base)
         return base, QuantizationInfo(method=f"qat-{plan.fake_quantized}", op_types_quantized=sorted(quantized),
                                       float_ops=floating, quantized_ops=quantized, activation_type="from QAT",
                                       weight_type="from QAT", calibration_source="QAT (training-time)")
@@ -163,8 +172,6 @@ def _int8_onnx(plan: ExportPlan, target: ExportTarget, base: Path, work: Path, d
     else:
         qq = q
         if method == "ort-trt":
-            import dataclasses
-
             qq = dataclasses.replace(q, activation_type="QInt8", symmetric_activations=True)
         info = onnx_x.quantize_ort(base, dst, data.calib, qq, work)
     info.calibration_source = data.source
@@ -202,10 +209,9 @@ def _build_one(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, base
             method = target.quantization.method
             if plan.fake_quantized or method in ("ort", "qat"):
                 src, qinfo = _int8_onnx(plan, target, base, work, data, fmt, cache)
+                qinfo = dataclasses.replace(qinfo, notes=[*qinfo.notes, "OpenVINO IR converted from the Q/DQ "
+                                                          f"ONNX ({qinfo.method}); counts are the IR's"])
                 model = ov_x.convert(src)
-                quantized, floating = ov_x.fq_summary(model)
-                qinfo.notes.append(f"OpenVINO IR converted from the Q/DQ ONNX ({qinfo.method}); "
-                                   f"OV compute ops quantized {quantized}, float {floating}")
             else:
                 model, qinfo = ov_x.quantize_nncf(ov_x.convert(base), data.calib, target.quantization,
                                                   _transformer(plan, target))
@@ -224,11 +230,37 @@ def _build_one(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, base
             src = base
         else:
             src, qinfo = _int8_onnx(plan, target, base, work, data, fmt, cache)
+            # an engine cannot be inspected portably: count the Q/DQ ONNX it is built from
+            qinfo = onnx_x.count_quantization(src, dataclasses.replace(qinfo),
+                                              "the Q/DQ ONNX the engine was built from")
         shapes = {m: (1, *plan.input_sizes[m]) for m in plan.modalities}
         build.update(trt_x.build_engine(src, stage / "model.engine", prec, shapes, target, work))
         hints = {"tensorrt": {"device": target.tensorrt.device}}
         return ["model.engine"], qinfo, build, hints
     raise ConfigError(f"unknown format {fmt!r}")
+
+
+def _count_written(fmt: str, stage: Path, qinfo: QuantizationInfo | None) -> QuantizationInfo:
+    """The quantization record with counts taken from the written model file (a copy: the PTQ
+    cache shares one record between the ONNX and OpenVINO artifacts)."""
+    from mirage_edge.export import openvino as ov_x
+
+    info = dataclasses.replace(qinfo) if qinfo is not None else QuantizationInfo(method="none")
+    if fmt == "onnx":
+        return onnx_x.count_quantization(stage / "model.onnx", info, "model.onnx")
+    if fmt == "openvino":
+        return ov_x.count_quantization(stage / "model.xml", info, "model.xml")
+    return info  # tensorrt: counted on its source ONNX in _build_one
+
+
+def _qat_reference(model: Any) -> tuple[int, str] | None:
+    """(quantized compute ops, path) of a QAT student's distill-time Q/DQ ONNX, when it has one:
+    every artifact exported from that student must quantize at least as many."""
+    path = getattr(model, "mirage_edge_qat_onnx", None)
+    if not path or not Path(path).is_file():
+        return None
+    quantized, _ = qdq_summary(Path(path))
+    return sum(quantized.values()), f"the distill-time Q/DQ ONNX {path}"
 
 
 def _validate(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, stage: Path, files: list[str],

@@ -66,6 +66,28 @@ def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None
     return model, src, classes, preprocess
 
 
+def resolve_distill_run(path: Path, precisions: list[str]) -> tuple[Path, str] | None:
+    """(model folder, why) when `path` is a `mirage-edge distill` output folder, else None.
+
+    A run holds the FP32 student (student/) and, with --qat, the QAT student (student_int8/). An
+    int8-only export takes the QAT student, whose trained quantizers are the INT8 model; any other
+    precision needs the FP32 student (a fake-quantized model exports to int8 only).
+    """
+    if not (path.is_dir() and (path / "recipe.toml").is_file()):
+        return None
+    fp32, qat = path / "student", path / "student_int8"
+    if precisions and set(precisions) == {"int8"} and (qat / "qat.json").is_file():
+        return qat, "the QAT INT8 student of this distill run"
+    if (fp32 / "config.json").is_file():
+        why = "the FP32 student of this distill run"
+        if "int8" in precisions:
+            why += " (INT8 by post-training quantization: export int8 alone to use its QAT student)" \
+                if (qat / "qat.json").is_file() else " (INT8 by post-training quantization: the run has no QAT student)"
+        return fp32, why
+    raise ConfigError(f"{path} is a distill run folder without a finished student (no student/config.json); "
+                      "finish it with `mirage-edge distill ... --resume`")
+
+
 @click.command("export")
 @click.argument("checkpoint")
 @click.option("--target", "target", default=None,
@@ -84,8 +106,8 @@ def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None
 def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisions: str | None,
                calib: Path | None, calib_images: int | None, task: str | None, input_size: tuple[int, int] | None,
                overrides: tuple[str, ...], out: Path, name: str) -> None:
-    """Export CHECKPOINT (our checkpoint folder, an official MIRAGE file, or a registered model name)
-    to validated artifacts: OUT/<format>-<precision>/ with model file(s), metadata.json, SHA256SUMS.
+    """Export CHECKPOINT (our checkpoint folder, a `distill` output folder, an official MIRAGE file, or a
+    registered model name) to validated artifacts: OUT/<format>-<precision>/ with model file(s), metadata.json, SHA256SUMS.
     """
     from mirage_edge.export.target import load_target
 
@@ -107,6 +129,10 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
     from mirage_edge.export.api import export_model
 
     console = Console(stderr=True)
+    run = resolve_distill_run(Path(checkpoint), list(tgt.precisions))
+    if run is not None:
+        click.echo(f"exporting {run[0]}: {run[1]}", err=True)
+        checkpoint = str(run[0])
     model, source, classes, preprocess = load_source_model(checkpoint, input_size)
     with console.status("exporting...") as status:
         def log(msg: str) -> None:

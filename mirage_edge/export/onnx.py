@@ -7,11 +7,10 @@ static INT8 wrecks ViT attention) or with NNCF. What stays in float is counted i
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +19,10 @@ from mirage_edge.artifact import METADATA_KEY, QuantizationInfo
 from mirage_edge.errors import ExportError
 from mirage_edge.export.target import ExportTarget, QuantConfig
 from mirage_edge.export.wrap import ExportPlan
+from mirage_edge.models.quantized import INT8_ONNX_KERNELS, qdq_export_mode, qdq_summary
 
 OUTPUT_NAMES = {"logits": "logits", "mask": "mask", "features": "features"}
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
-_INT8_KERNELS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "ConvInteger"}
 # ONNX protos above this size need external data; we keep artifacts single-file below it.
 _SINGLE_FILE_LIMIT = 1_900_000_000
 
@@ -52,25 +51,6 @@ def dynamic_axes(plan: ExportPlan, target: ExportTarget) -> dict[str, dict[int, 
     return axes
 
 
-@contextlib.contextmanager
-def _qdq_export_mode(model: Any) -> Iterator[None]:
-    """Switch NNCF quantizers to ONNX Q/DQ export (their default is OpenVINO FakeQuantize)."""
-    try:
-        from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode  # type: ignore
-    except Exception:  # noqa: BLE001
-        yield
-        return
-    quantizers = [m for m in model.modules() if isinstance(m, BaseQuantizer)]
-    old = [q._export_mode for q in quantizers]
-    for q in quantizers:
-        q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
-    try:
-        yield
-    finally:
-        for q, mode in zip(quantizers, old):
-            q.set_export_mode(mode)
-
-
 def export_torch_to_onnx(plan: ExportPlan, path: Path, target: ExportTarget) -> dict[str, Any]:
     """torch -> ONNX (opset >= 17), dynamic batch, simplified. Returns build facts for metadata.
 
@@ -94,7 +74,7 @@ def export_torch_to_onnx(plan: ExportPlan, path: Path, target: ExportTarget) -> 
         try:
             if path.exists():
                 path.unlink()
-            with warnings.catch_warnings(), torch.no_grad(), _qdq_export_mode(plan.wrapper):
+            with warnings.catch_warnings(), torch.no_grad(), qdq_export_mode(plan.wrapper):
                 warnings.simplefilter("ignore")
                 if exporter == "dynamo":
                     torch.onnx.export(plan.wrapper, example, str(path), dynamo=True, opset_version=target.opset,
@@ -263,23 +243,19 @@ def _match_nodes(path: Path, patterns: list[str]) -> list[str]:
     return [n for n in names if any(re.search(p, n) for p in patterns)]
 
 
-def qdq_summary(path: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """Count nodes fed by DequantizeLinear (quantized) vs. the rest (float), by op type."""
+def count_quantization(path: Path, info: QuantizationInfo, counted_in: str) -> QuantizationInfo:
+    """Fill `info`'s counts (quantizers, quantized / all compute ops, per-type tables) from the ONNX
+    file at `path`: what the written graph holds, whatever the quantizer said it did."""
     onnx = require("onnx", "ONNX inspection")
     graph = onnx.load(str(path), load_external_data=False).graph
-    producer = {o: n.op_type for n in graph.node for o in n.output}
-    quantized: Counter[str] = Counter()
-    floating: Counter[str] = Counter()
-    for n in graph.node:
-        if n.op_type in _QDQ or n.op_type == "Constant":
-            continue
-        # INT8 kernels exist for GEMM/conv fed by dequantized inputs; every other op (softmax,
-        # norms, GELU, adds) computes in float between DQ and Q even when surrounded by Q/DQ.
-        if n.op_type in _INT8_KERNELS and any(producer.get(i) == "DequantizeLinear" for i in n.input):
-            quantized[n.op_type] += 1
-        else:
-            floating[n.op_type] += 1
-    return dict(sorted(quantized.items())), dict(sorted(floating.items()))
+    quantized, floating = qdq_summary(path)
+    info.quantized_ops, info.float_ops = quantized, floating
+    info.quantizers = sum(n.op_type == "QuantizeLinear" for n in graph.node)
+    info.compute_ops_quantized = sum(quantized.values())
+    info.compute_ops_total = info.compute_ops_quantized + sum(v for k, v in floating.items() if k in INT8_ONNX_KERNELS)
+    info.quantized_share = (info.compute_ops_quantized / info.compute_ops_total) if info.compute_ops_total else None
+    info.counted_in = counted_in
+    return info
 
 
 def has_qdq(path: Path) -> bool:

@@ -17,7 +17,8 @@ from mirage_edge.errors import ExportError
 from mirage_edge.export.target import QuantConfig
 
 # Compute ops whose quantization we report (others are data movement / elementwise).
-_COMPUTE = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData", "Multiply", "Add",
+_COMPUTE = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
+            "GroupConvolutionBackpropData", "Multiply", "Add",
             "Softmax", "MVN", "Gelu", "Divide", "Subtract", "ReduceMean", "Power", "Sqrt"}
 
 
@@ -73,6 +74,26 @@ def fq_summary(model: Any) -> tuple[dict[str, int], dict[str, int]]:
                 break
         (quantized if fed else floating)[t] += 1
     return dict(sorted(quantized.items())), dict(sorted(floating.items()))
+
+
+# Ops with INT8 kernels in the CPU plugin: the denominator of an IR's quantized share.
+_INT8_KERNELS = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
+                 "GroupConvolutionBackpropData"}
+
+
+def count_quantization(xml_path: Path, info: QuantizationInfo, counted_in: str) -> QuantizationInfo:
+    """Fill `info`'s counts from the written IR at `xml_path` (FakeQuantize ops; compute ops fed
+    by one), replacing the per-type tables with the IR's own op names."""
+    ov = require("openvino", "OpenVINO inspection")
+    model = ov.Core().read_model(str(xml_path))
+    quantized, floating = fq_summary(model)
+    info.quantized_ops, info.float_ops = quantized, floating
+    info.quantizers = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+    info.compute_ops_quantized = sum(v for k, v in quantized.items() if k in _INT8_KERNELS)
+    info.compute_ops_total = info.compute_ops_quantized + sum(v for k, v in floating.items() if k in _INT8_KERNELS)
+    info.quantized_share = (info.compute_ops_quantized / info.compute_ops_total) if info.compute_ops_total else None
+    info.counted_in = counted_in
+    return info
 
 
 def save(model: Any, xml_path: Path, meta_json: str | None, compress_to_fp16: bool) -> list[str]:

@@ -89,6 +89,10 @@ class ValidationConfig:
     int8_min_dice: float = 0.9  # segmentation, prediction Dice vs torch fp32
     int8_min_cosine: float = 0.98  # encoders (features); also reported for the other tasks
     max_metric_drop: float = 0.05  # when labels exist: torch metric - artifact metric
+    # INT8 artifacts: share of compute ops (conv/matmul/gemm) fed by quantized inputs in the written
+    # file. 0 would be an FP32 graph under an INT8 label; heads or attention matmuls kept in float
+    # by a recipe lower it, a share under this fails the export.
+    int8_min_quantized_share: float = 0.5
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -151,17 +155,17 @@ def load_target(path: str | Path | None = None, overrides: Sequence[str] = (),
                 base: dict[str, Any] | None = None) -> ExportTarget:
     """Load an `ExportTarget` from TOML/JSON (strict), with `key=value` overrides on top.
 
-    A bare name ("cpu-openvino-int8") is looked up in the repository's export/targets/.
+    A bare name ("cpu-openvino-int8") is looked up in the repository's export/targets/; a target file
+    may `extends` another (`mirage_edge.config.read_config`).
     """
     if path is not None:
-        p = Path(path)
-        if not p.exists() and p.suffix == "" and (TARGETS_DIR / f"{p.name}.toml").is_file():
-            p = TARGETS_DIR / f"{p.name}.toml"
-        if not p.is_file():
-            known = ", ".join(sorted(x.stem for x in TARGETS_DIR.glob("*.toml"))) if TARGETS_DIR.is_dir() else ""
-            raise ConfigError(f"export target not found: {path}" + (f" (curated targets: {known})" if known else ""))
-        path = p
-    return _config.load(ExportTarget, path, overrides, base=base)
+        found = _config.find_config(path, [TARGETS_DIR])
+        if found is None:
+            known = ", ".join(_config.curated_names([TARGETS_DIR]))
+            raise ConfigError(f"export target not found: {path}"
+                              + (f" (curated targets: {known})" if known else ""))
+        path = found
+    return _config.load(ExportTarget, path, overrides, base=base, curated=[TARGETS_DIR])
 
 
 # export/targets/ next to the package in a source checkout

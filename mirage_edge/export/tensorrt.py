@@ -32,16 +32,16 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, input_shape
     input_shapes: input name -> (1, H, W) per-sample shape; the batch axis comes from target.batch.
     """
     trt = require("tensorrt", "TensorRT engine build")
-    from mirage_edge.runtime.backends import _check, _cudart, gpu_name
+    from mirage_edge.runtime.backends import check_cuda, gpu_name, load_cudart
 
-    cudart = _cudart()
-    _check(cudart.cudaSetDevice(int(target.tensorrt.device)), "cudaSetDevice")
+    cudart = load_cudart()
+    check_cuda(cudart.cudaSetDevice(int(target.tensorrt.device)), "cudaSetDevice")
     major = trt_major(trt)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     info: dict[str, Any] = {"tensorrt_version": trt.__version__, "gpu": gpu_name(target.tensorrt.device)}
     err, props = cudart.cudaGetDeviceProperties(int(target.tensorrt.device))
-    _check(err, "cudaGetDeviceProperties")
+    check_cuda(err, "cudaGetDeviceProperties")
     info["compute_capability"] = f"{props.major}.{props.minor}"
 
     src = onnx_path

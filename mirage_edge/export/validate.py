@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mirage_edge.artifact import QuantizationInfo
 from mirage_edge.errors import ValidationError
 from mirage_edge.export.target import ValidationConfig
 from mirage_edge.metrics import mask_dice
@@ -119,3 +120,30 @@ def check(numbers: dict[str, Any], task: str, output_kind: str, precision: str, 
         need("metric_drop", "<=", cfg.max_metric_drop)
     if fails:
         raise ValidationError(f"{what} failed validation against PyTorch: " + "; ".join(fails), numbers)
+
+
+def check_quantized(info: QuantizationInfo | None, cfg: ValidationConfig, what: str,
+                    reference: tuple[int, str] | None = None) -> None:
+    """Fail an INT8 artifact whose written file is not really quantized.
+
+    `info` holds the counts taken from the written file (`count_quantization`); `reference` is
+    (quantized compute ops, where) of the model's own Q/DQ graph - a QAT student's distill-time
+    ONNX - which the artifact must match: fewer means quantizers were lost on the way.
+    """
+    if info is None:
+        raise ValidationError(f"{what} is labelled int8 but has no quantization record", {})
+    numbers = {"quantizers": info.quantizers, "compute_ops_quantized": info.compute_ops_quantized,
+               "compute_ops_total": info.compute_ops_total, "quantized_share": info.quantized_share}
+    fails = []
+    if info.quantizers == 0 or info.compute_ops_quantized == 0:
+        fails.append(f"{info.counted_in or 'the model file'} has {info.quantizers} quantizers and "
+                     f"{info.compute_ops_quantized} of {info.compute_ops_total} compute ops quantized")
+    elif info.quantized_share is not None and info.quantized_share < cfg.int8_min_quantized_share:
+        fails.append(f"only {info.compute_ops_quantized} of {info.compute_ops_total} compute ops are quantized "
+                     f"(share {info.quantized_share:.2f}, needs >= {cfg.int8_min_quantized_share:g})")
+    if reference is not None and info.compute_ops_quantized < reference[0]:
+        numbers["reference_compute_ops_quantized"] = reference[0]
+        fails.append(f"{info.compute_ops_quantized} compute ops quantized where {reference[1]} has {reference[0]}")
+    if fails:
+        raise ValidationError(f"{what} is labelled int8 but is not quantized as it should be: " + "; ".join(fails),
+                              numbers)

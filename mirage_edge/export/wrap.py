@@ -13,6 +13,7 @@ from torch import nn
 
 from mirage_edge.artifact import mask_dtype
 from mirage_edge.errors import ConfigError, ExportError
+from mirage_edge.models.quantized import call_with_quantizers, fake_quant_kind
 from mirage_edge.export.target import ExportTarget
 
 
@@ -40,7 +41,9 @@ class ExportWrapper(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         if self.argmax and self.mask_stride > 1:
-            return self.model.forward_mask(xs[0], self.mask_stride, self.mask_dtype)
+            # a QAT model's quantizers are bound to forward; forward_mask must run under them too
+            return call_with_quantizers(self.model, self.model.forward_mask, xs[0], self.mask_stride,
+                                        self.mask_dtype)
         if self.mode == "features_dict":
             out = self.model.forward_features(dict(zip(self.modalities, xs)))
         elif self.mode == "features":
@@ -146,23 +149,6 @@ def _model_classes(model: nn.Module, n: int) -> list[str]:
             if isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(c, str) for c in v):
                 return list(v)
     return [f"class_{i}" for i in range(n)]
-
-
-def fake_quant_kind(model: nn.Module) -> str:
-    """"nncf" / "torch" if `model` carries fake-quantizers (QAT / PTQ'd torch model), else ""."""
-    try:
-        from nncf.torch.quantization.layers import BaseQuantizer  # type: ignore
-    except Exception:  # noqa: BLE001 - nncf optional
-        BaseQuantizer = None  # type: ignore[assignment]
-    from torch.ao.quantization import FakeQuantizeBase
-
-    kind = ""
-    for mod in model.modules():
-        if BaseQuantizer is not None and isinstance(mod, BaseQuantizer):
-            return "nncf"
-        if isinstance(mod, FakeQuantizeBase):
-            kind = "torch"
-    return kind
 
 
 def has_attention(model: nn.Module) -> bool:

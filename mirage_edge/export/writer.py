@@ -6,21 +6,27 @@ an existing artifact at the destination stays as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from mirage_edge.artifact import METADATA_FILE, ArtifactMeta, write_meta, write_sha256sums
 from mirage_edge.errors import ExportError
 
+log = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def staging_dir(final: Path) -> Iterator[Path]:
     """Yield an empty staging folder on the same filesystem as `final`; removed on exit."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".staging", dir=final.parent))
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.staging")
+    # Not mkdtemp: its 0700 would become the artifact's mode; mkdir gives 0777 minus the umask.
+    tmp.mkdir()
+    log.debug("building %s in %s", final, tmp)
     try:
         yield tmp
     finally:
@@ -42,6 +48,7 @@ def publish(staging: Path, final: Path, overwrite: bool = True) -> Path:
     if final.exists():
         if not overwrite:
             raise ExportError(f"{final} exists; pass overwrite=True (--overwrite) to replace it")
+        log.info("replacing the artifact at %s", final)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if old.exists():
             shutil.rmtree(old)

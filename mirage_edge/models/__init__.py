@@ -7,9 +7,7 @@ lazily on first use.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from mirage_edge._lazy import lazy_exports
 from mirage_edge.models.registry import get_model_fn, is_model, list_models, register_model
 
 _LAZY = {
@@ -32,13 +30,4 @@ _LAZY = {
 
 __all__ = ["get_model_fn", "is_model", "list_models", "register_model", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mirage_edge.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

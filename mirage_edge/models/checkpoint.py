@@ -14,7 +14,6 @@ key-remapping function per family turns its keys into ours (our names are the of
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pickle
 import re
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from mirage_edge._io import atomic_path, atomic_write_text
-from mirage_edge.errors import CheckpointError, ConfigError
+from mirage_edge.errors import CheckpointError
 from mirage_edge.models.config import HEADS_BY_DIM, LAYERMAP, MODALITIES, MirageConfig
 
 FORMAT = "mirage-edge"
@@ -301,24 +300,6 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor],
 
 
 # --------------------------------------------------------------------------- building from files
-def _apply_overrides(cfg: MirageConfig, overrides: Mapping[str, Any]) -> MirageConfig:
-    overrides = dict(overrides)
-    size = overrides.pop("input_size", None)
-    fields = {f.name for f in dataclasses.fields(MirageConfig)}
-    bad = [k for k in overrides if k not in fields]
-    if bad:
-        raise ConfigError(f"unknown MIRAGE option(s) {bad} "
-                          f"(allowed: input_size, {', '.join(sorted(fields))})")
-    try:
-        if overrides:
-            cfg = dataclasses.replace(cfg, **overrides, grid_size=None)
-        if size is not None:
-            cfg = cfg.with_input_size(size)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"bad model options {dict(overrides, input_size=size)}: {exc}") from None
-    return cfg
-
-
 def _drop_unused(sd: StateDict, cfg: MirageConfig) -> StateDict:
     """Drop adapters/decoders the caller explicitly left out via in_domains/out_domains overrides."""
     def keep(k: str) -> bool:
@@ -337,7 +318,7 @@ def build_mirage_from_state_dict(sd: StateDict, args: Mapping | None, hint: Mira
     from mirage_edge.models.mirage import MIRAGE
 
     cfg = infer_mirage_config(sd, args, hint, source)
-    cfg = _apply_overrides(cfg, overrides)
+    cfg = cfg.with_options(overrides)
     if {"in_domains", "out_domains"} & set(overrides):
         sd = _drop_unused(sd, cfg)
     with torch.device(device):
@@ -403,11 +384,11 @@ def save_model(model: nn.Module, out_dir: str | Path, extra: Mapping[str, Any] |
     """
     from safetensors.torch import save_file
 
-    from mirage_edge.models.task import _TaskModel
+    from mirage_edge.models.task import TaskModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, _TaskModel):
+    if isinstance(model, TaskModel):
         cfg = {"kind": model.task, "encoder": _encoder_spec(model.encoder), "head": dict(model.head.config)}
     else:
         cfg = {"kind": "encoder", "encoder": _encoder_spec(model)}
@@ -424,11 +405,11 @@ def _build_encoder(spec: Mapping[str, Any], overrides: Mapping[str, Any], source
 
     if spec.get("type") == "mirage":
         cfg = MirageConfig.from_dict(spec["architecture"], source=source)
-        return MIRAGE(_apply_overrides(cfg, overrides))
+        return MIRAGE(cfg.with_options(overrides))
     if spec.get("type") == "registry":
-        from mirage_edge.models.factory import create_model
+        from mirage_edge.models.registry import build_model
 
-        return create_model(spec["name"], **{**spec.get("kwargs", {}), **overrides})
+        return build_model(spec["name"], **{**spec.get("kwargs", {}), **overrides})
     raise CheckpointError(f"{source}: unknown encoder type {spec.get('type')!r}")
 
 

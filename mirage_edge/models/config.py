@@ -7,7 +7,6 @@ Field names follow the official pretraining `args` / the fixtures' ``tiny_config
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -70,8 +69,8 @@ class MirageConfig:
     def __post_init__(self) -> None:
         self.in_domains = list(self.in_domains)
         self.out_domains = list(self.out_domains)
-        self.input_size = {k: [int(x) for x in _pair(v)] for k, v in self.input_size.items()}
-        self.patch_size = {k: [int(x) for x in _pair(v)] for k, v in self.patch_size.items()}
+        self.input_size = {k: [int(x) for x in as_pair(v)] for k, v in self.input_size.items()}
+        self.patch_size = {k: [int(x) for x in as_pair(v)] for k, v in self.patch_size.items()}
         for name in self.in_domains + self.out_domains:
             if name not in MODALITIES:
                 raise ValueError(f"unknown modality {name!r}; MIRAGE knows {list(MODALITIES)}")
@@ -104,7 +103,7 @@ class MirageConfig:
         if self.pos_grid is None:
             self.pos_grid = {m: list(g) for m, g in grids.items()}
         else:
-            self.pos_grid = {m: [int(x) for x in _pair(v)] for m, v in self.pos_grid.items()}
+            self.pos_grid = {m: [int(x) for x in as_pair(v)] for m, v in self.pos_grid.items()}
             for m in grids:
                 self.pos_grid.setdefault(m, list(grids[m]))
         if self.out_domains:
@@ -126,9 +125,9 @@ class MirageConfig:
         wrapper does. Positional tables keep their generation grid (`pos_grid`) and get resized.
         """
         if isinstance(size, Mapping):  # explicit per-modality sizes
-            merged = {**self.input_size, **{k: list(_pair(v)) for k, v in size.items()}}
+            merged = {**self.input_size, **{k: list(as_pair(v)) for k, v in size.items()}}
             return dataclasses.replace(self, input_size=merged, grid_size=None)
-        h, w = _pair(size)
+        h, w = as_pair(size)
         sizes = dict(self.input_size)
         ref_patch = self.patch_size.get("bscan") or self.patch_size.get("slo")
         if ref_patch is None:
@@ -146,6 +145,23 @@ class MirageConfig:
                 raise ValueError(f"patch_size has no entry for {m!r} (input_size has one)")
         return dataclasses.replace(self, input_size=sizes, grid_size=None, pos_grid=self.pos_grid)
 
+    def with_options(self, options: Mapping[str, Any]) -> "MirageConfig":
+        """This network with MirageConfig fields replaced (``input_size``: int, (H, W) or per-modality
+        dict, see `with_input_size`); ConfigError names unknown or invalid options.
+
+        Positional tables keep their generation grid (`pos_grid`), so loaded weights stay valid.
+        """
+        options = dict(options)
+        size = options.pop("input_size", None)
+        _check_options(options)
+        try:
+            cfg = dataclasses.replace(self, **options, grid_size=None) if options else self
+            if size is not None:
+                cfg = cfg.with_input_size(size)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad model options {dict(options, input_size=size)}: {exc}") from None
+        return cfg
+
     def to_dict(self) -> dict[str, Any]:
         return _cfg.to_dict(self)
 
@@ -157,24 +173,27 @@ class MirageConfig:
 
     @classmethod
     def load(cls, cfg: "MirageConfig | Mapping[str, Any] | str | Path") -> "MirageConfig":
-        """From a MirageConfig, a dict, or a JSON file path."""
+        """From a MirageConfig, a dict, or a JSON (or TOML) file path."""
         if isinstance(cfg, MirageConfig):
             return cfg
         if isinstance(cfg, Mapping):
             return cls.from_dict(cfg)
         path = Path(cfg)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"model config file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        data = _cfg.read_file(path)
         if "architecture" in data and isinstance(data["architecture"], Mapping):  # our config.json
             data = data["architecture"]
         return cls.from_dict(data, source=str(path))
 
 
-def _pair(v: Any) -> tuple[int, int]:
+def _check_options(options: Mapping[str, Any], where: str = "") -> None:
+    fields = {f.name for f in dataclasses.fields(MirageConfig)}
+    bad = [k for k in options if k not in fields]
+    if bad:
+        raise ConfigError(f"unknown MIRAGE option(s) {bad}{where} (allowed: {', '.join(sorted(fields))})")
+
+
+def as_pair(v: Any) -> tuple[int, int]:
+    """An int or [H, W] as (H, W)."""
     if isinstance(v, int):
         return v, v
     v = list(v)
@@ -237,10 +256,7 @@ HEADS_BY_DIM = {768: 12, 1024: 16}
 def size_config(name: str, **overrides: Any) -> MirageConfig:
     """The MirageConfig of a registered size with field overrides (``input_size`` may be an int)."""
     size = overrides.pop("input_size", None)
-    fields = {f.name for f in dataclasses.fields(MirageConfig)}
-    bad = [k for k in overrides if k not in fields]
-    if bad:
-        raise ConfigError(f"unknown MIRAGE option(s) {bad} for {name!r} (allowed: {sorted(fields)})")
+    _check_options(overrides, f" for {name!r}")
     try:
         # A partial per-modality dict (e.g. patch_size={"bscan": [16, 16]}) updates the size's own table.
         base = MirageConfig(**SIZES[name])

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from mirage_edge.errors import ConfigError
-from mirage_edge.models.registry import get_model_fn
+from mirage_edge.models.registry import build_model, get_model_fn
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
@@ -34,20 +34,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
     if name == "mirage":
         if config is None:
             raise ConfigError('create_model("mirage") needs checkpoint=... or config=...')
-        from mirage_edge.models.checkpoint import _apply_overrides
         from mirage_edge.models.config import MirageConfig
         from mirage_edge.models.mirage import MIRAGE
 
-        model = MIRAGE(_apply_overrides(MirageConfig.load(config), overrides))
-        return model
-    fn = get_model_fn(name)
+        return MIRAGE(MirageConfig.load(config).with_options(overrides))
     if config is not None:
+        get_model_fn(name)  # an unknown name fails first, with close matches
         raise ConfigError(f"config= is only for create_model('mirage', ...); for {name!r} pass options "
                           "as keywords")
-    model = fn(pretrained=pretrained, **overrides)
-    if getattr(model, "mirage_edge_spec", None) is None:
-        try:
-            model.mirage_edge_spec = {"name": name, "kwargs": dict(overrides)}
-        except AttributeError:  # pragma: no cover - exotic modules
-            pass
-    return model
+    return build_model(name, pretrained=pretrained, **overrides)

@@ -73,3 +73,18 @@ def get_model_fn(name: str) -> ModelFn:
         raise ModelNotFoundError(
             f"unknown model {name!r}{hint} (see `mirage_edge.models.list_models()`)"
         ) from None
+
+
+def build_model(name: str, pretrained: bool = False, **kwargs: Any) -> Any:
+    """Call the builder registered as `name`; the module remembers how it was built.
+
+    `mirage_edge_spec` (name + kwargs, unless the builder set its own) is what `save_model` writes,
+    so a checkpoint rebuilds the same module.
+    """
+    model = get_model_fn(name)(pretrained=pretrained, **kwargs)
+    if getattr(model, "mirage_edge_spec", None) is None:
+        try:
+            model.mirage_edge_spec = {"name": name, "kwargs": dict(kwargs)}
+        except AttributeError:  # pragma: no cover - exotic modules
+            pass
+    return model

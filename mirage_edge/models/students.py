@@ -4,7 +4,7 @@ A student is a :class:`StudentEncoder`: a timm model built with ``pretrained=Fal
 download), ``in_chans=1`` and no classifier, whose last feature map has stride 32 so that at the
 teacher's 512 x 512 input its 16 x 16 grid lines up with the teacher's 16 x 16 B-scan tokens (patch
 32). At other resolutions (e.g. the tiny teacher's patch 8) the distillation projector resamples the
-student grid to the teacher grid (see `mirage_edge.distill.projector`).
+student grid to the teacher grid (see `mirage_edge.models.projector`).
 
 Features API (shared with the teacher, so task heads, export and bench treat both alike):
 
@@ -272,9 +272,9 @@ def _register(name: str, alias: str | None = None) -> None:
             # students start from random weights: no download ever (offline, licence-clean)
             raise ConfigError(f"student {name!r} has no pretrained weights; distill it from a teacher")
         if input_size is not None:  # the teachers' keyword (export --input-size, bench registry rows)
-            from mirage_edge.models.config import _pair
+            from mirage_edge.models.config import as_pair
 
-            h, w = _pair(input_size)
+            h, w = as_pair(input_size)
             if h != w:
                 raise ConfigError(f"student {name!r} is built for square inputs; got input_size {h} x {w}")
             img_size = int(h)
@@ -295,10 +295,10 @@ def projected_student(pretrained: bool = False, student: str = "student-tiny", i
                       reparameterized: bool = False, teacher_dim: int = 192, teacher_grid: Sequence[int] = (16, 16),
                       num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None,
                       upsample: str = "bilinear", input_scale: int = 1) -> nn.Module:
-    """A student + its learned projector into a teacher's token space (`mirage_edge.distill.projector`):
+    """A student + its learned projector into a teacher's token space (`mirage_edge.models.projector`):
     the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry.
     `upsample` defaults to "bilinear" here because checkpoints written before it existed used it."""
-    from mirage_edge.distill.projector import ProjectedStudent
+    from mirage_edge.models.projector import ProjectedStudent
 
     if pretrained:
         raise ConfigError("projected-student has no pretrained weights; load a distilled checkpoint instead")

@@ -30,7 +30,9 @@ def _check_image(x: torch.Tensor) -> None:
         raise InputError(f"task models take float images in [0, 1], got dtype {x.dtype}")
 
 
-class _TaskModel(nn.Module):
+class TaskModel(nn.Module):
+    """Encoder + task head; `task` names the kind ("segmentation" / "classification") `save_model` writes."""
+
     task = ""
 
     def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
@@ -55,7 +57,7 @@ class _TaskModel(nn.Module):
         return {"task": self.task, "head": dict(self.head.config)}
 
 
-class SegmentationModel(_TaskModel):
+class SegmentationModel(TaskModel):
     """forward(x B x 1 x H x W) -> B x K x H x W logits."""
 
     task = "segmentation"
@@ -84,7 +86,7 @@ class SegmentationModel(_TaskModel):
         return mask.repeat_interleave(stride, dim=1).repeat_interleave(stride, dim=2)
 
 
-class ClassificationModel(_TaskModel):
+class ClassificationModel(TaskModel):
     """forward(x B x 1 x H x W) -> B x K logits."""
 
     task = "classification"

@@ -103,8 +103,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, path: str | Path, device: int = 0) -> None:
         trt = require("tensorrt", "running TensorRT engines")
-        self._cudart = _cudart()
-        _check(self._cudart.cudaSetDevice(int(device)), "cudaSetDevice")
+        self._cudart = load_cudart()
+        check_cuda(self._cudart.cudaSetDevice(int(device)), "cudaSetDevice")
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
@@ -120,7 +120,7 @@ class TensorRTBackend(Backend):
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         err, self._stream = self._cudart.cudaStreamCreate()
-        _check(err, "cudaStreamCreate")
+        check_cuda(err, "cudaStreamCreate")
         self._lock = threading.Lock()
         self.version = trt.__version__
 
@@ -136,7 +136,7 @@ class TensorRTBackend(Backend):
                         raise MirageEdgeError(f"input {name} shape {host.shape} is outside the engine's profile")
                     ptr = self._malloc(host.nbytes)
                     ptrs.append(ptr)
-                    _check(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes,
+                    check_cuda(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes,
                                                   kind.cudaMemcpyHostToDevice, self._stream)[0], "cudaMemcpyAsync")
                     self.context.set_tensor_address(name, ptr)
                 hosts = {}
@@ -150,9 +150,9 @@ class TensorRTBackend(Backend):
                 if not self.context.execute_async_v3(self._stream):
                     raise MirageEdgeError("TensorRT execute_async_v3 failed")
                 for host, ptr in hosts.values():
-                    _check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes,
+                    check_cuda(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes,
                                                   kind.cudaMemcpyDeviceToHost, self._stream)[0], "cudaMemcpyAsync")
-                _check(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
+                check_cuda(cudart.cudaStreamSynchronize(self._stream)[0], "cudaStreamSynchronize")
                 return {name: host for name, (host, _) in hosts.items()}
             finally:
                 for ptr in ptrs:
@@ -160,11 +160,12 @@ class TensorRTBackend(Backend):
 
     def _malloc(self, nbytes: int) -> int:
         err, ptr = self._cudart.cudaMalloc(nbytes)
-        _check(err, "cudaMalloc")
+        check_cuda(err, "cudaMalloc")
         return int(ptr)
 
 
-def _cudart() -> Any:
+def load_cudart() -> Any:
+    """The cuda-python runtime module (`cudart`), new or old package layout; names the extra if missing."""
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
     except ImportError:
@@ -180,7 +181,8 @@ def _cudart() -> Any:
     return cudart
 
 
-def _check(err: Any, what: str) -> None:
+def check_cuda(err: Any, what: str) -> None:
+    """Raise MirageEdgeError unless a cudart call returned cudaSuccess (`err`: the code or a result tuple)."""
     code = err[0] if isinstance(err, tuple) else err
     if int(getattr(code, "value", code)) != 0:  # cudaError_t enum; 0 = cudaSuccess
         raise MirageEdgeError(f"CUDA call {what} failed: {code}")
@@ -188,9 +190,9 @@ def _check(err: Any, what: str) -> None:
 
 def gpu_name(device: int = 0) -> str:
     """Name of CUDA device `device` (for artifact metadata)."""
-    cudart = _cudart()
+    cudart = load_cudart()
     err, props = cudart.cudaGetDeviceProperties(int(device))
-    _check(err, "cudaGetDeviceProperties")
+    check_cuda(err, "cudaGetDeviceProperties")
     name = props.name
     return name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
 

@@ -5,42 +5,11 @@ Torch is imported inside the command bodies only (so `--help` stays torch-free).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from mirage_edge import config as C
-from mirage_edge.errors import ConfigError
 
 _OVERRIDES_HELP = "Extra settings as key=value (e.g. loop.epochs=5 optim.lr=3e-4), applied last."
-
-
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"'{k}' is not a table")
-    node[keys[-1]] = value
-
-
-def build_config(cls: type, config_file: str | None, flags: dict[str, Any], overrides: tuple[str, ...],
-                 base: dict[str, Any] | None = None) -> Any:
-    """base < config file < command-line flags < key=value overrides; strict (errors name the key)."""
-    data: dict[str, Any] = dict(base or {})
-    source = None
-    if config_file:
-        data = C._deep_merge(data, C.read_file(config_file))
-        source = str(config_file)
-    for key, value in flags.items():
-        if value is not None:
-            _set(data, key, value)
-    data = C.apply_overrides(data, overrides)
-    where = source or "command line"
-    if overrides and source:
-        where = f"{source} + command-line overrides"
-    return C.from_dict(cls, data, source=where)
 
 
 def _common(f):
@@ -78,9 +47,9 @@ def pretrain_cmd(config_file, device, precision, out_dir, resume, data_dir, mode
     """Masked multimodal autoencoding over any subset of bscan / slo / bscanlayermap."""
     from mirage_edge.train.config import PretrainConfig
 
-    cfg = build_config(PretrainConfig, config_file, {
+    cfg = C.load(PretrainConfig, config_file, overrides, sets={
         "loop.device": device, "loop.precision": precision, "out_dir": out_dir, "data.dir": data_dir,
-        "model.name": model_name, "model.checkpoint": checkpoint}, overrides)
+        "model.name": model_name, "model.checkpoint": checkpoint})
     from mirage_edge.train.pretrain import run_pretrain
 
     run_pretrain(cfg, resume=resume)
@@ -104,17 +73,17 @@ def finetune_cmd(config_file, device, precision, out_dir, resume, task, data_dir
 
     file_task = None
     if config_file:
-        file_task = C.read_file(config_file).get("task")
+        file_task = C.read_config(config_file).get("task")
     eff_task = task or file_task or "cls"
     base = {"mode": "frozen", "image_size": 1024} if eff_task == "seg" else {}
-    cfg = build_config(FinetuneConfig, config_file, {
+    cfg = C.load(FinetuneConfig, config_file, overrides, base=base, sets={
         "task": task, "data": data_dir, "loop.device": device, "loop.precision": precision,
         "out_dir": out_dir, "model.name": model_name, "model.checkpoint": checkpoint,
-        "model.config": model_config, "mode": mode, "pool": pool}, overrides, base=base)
+        "model.config": model_config, "mode": mode, "pool": pool})
     from mirage_edge.train.finetune import run_finetune
 
     run_finetune(cfg, resume=resume)
 
 
-__all__ = ["train", "build_config"]
+__all__ = ["train"]
 

@@ -5,13 +5,23 @@ blocks, input adapters / global token get layer id 0, block i gets i+1, the head
 parameter's LR is `lr * decay ** (L + 1 - id)`. The defaults below work for any model whose
 blocks are named `...blocks.<i>.` / `...encoder.<i>.` / `...layers.<i>.`; pass `layer_id_fn` for
 anything else (e.g. a student with stages).
+
+Why not `timm.optim.param_groups_layer_decay`: it would break parity with that rule.
+* It numbers layers from `model.group_matcher()`; our task models (MIRAGE encoder + head, or a
+  timm student wrapped as `encoder.*`, whose own matcher expects unprefixed names) have none, and
+  timm's fallback (`auto_group_layers`) cuts the parameter list into runs of 12 tensors, not blocks.
+* Even with a matcher, a parameter it does not match goes to the *head* group (scale 1), where the
+  rule above puts anything that is neither a block nor a head at id 0 (scale decay ** (L + 1)).
+* It renumbers the layers that exist, so a model without head parameters (an encoder alone)
+  moves every block one decay factor up, where the rule keeps the head at L + 1.
+The schedule is timm's (`CosineSchedule` below), which reproduces the official one exactly.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,19 +32,23 @@ _BLOCK_RE = re.compile(r"(?:^|\.)(?:blocks|encoder|layers)\.(\d+)\.")
 _HEAD_HINTS = ("head", "decoder", "output_adapters", "classifier", "fc_norm")
 
 
+def _in_head(name: str) -> bool:
+    return any(h in name for h in _HEAD_HINTS)
+
+
 def default_layer_id(name: str, num_layers: int) -> int:
     """0 for embeddings/adapters/tokens, i+1 for block i, num_layers+1 for heads/decoders."""
+    if _in_head(name):  # before the block pattern: decoders have `blocks.<i>` of their own (ConvNeXt head)
+        return num_layers + 1
     hits = _BLOCK_RE.findall(name)
     if hits:
         return min(int(hits[-1]) + 1, num_layers + 1)
-    if any(h in name for h in _HEAD_HINTS):
-        return num_layers + 1
     return 0
 
 
 def count_layers(names: Iterable[str]) -> int:
-    """Number of transformer blocks, from the highest `blocks.<i>.` index among parameter names."""
-    ids = [int(m) for n in names for m in _BLOCK_RE.findall(n)[-1:]]
+    """Number of encoder blocks, from the highest `blocks.<i>.` index among non-head parameter names."""
+    ids = [int(m) for n in names if not _in_head(n) for m in _BLOCK_RE.findall(n)[-1:]]
     return max(ids) + 1 if ids else 0
 
 
@@ -91,6 +105,8 @@ def build_adamw(
 class CosineSchedule:
     """Per-step LR: linear warm-up from 0 to `base_lr`, then half-cosine down to `min_lr` at `total_steps`.
 
+    This is MIRAGE's per-iteration schedule (ARCHITECTURE.md §9, §11, §12), computed by timm's
+    `CosineLRScheduler` with the warm-up as a prefix (so the cosine spans the steps after it).
     Stateless apart from its fields (the step comes from the loop), so resuming is exact.
     Each param group's LR is `lr_at(step) * group['lr_scale']` (layer-wise decay).
     """
@@ -99,13 +115,23 @@ class CosineSchedule:
     total_steps: int
     warmup_steps: int = 0
     min_lr: float = 0.0
+    _timm: Any = field(default=None, init=False, repr=False, compare=False)
 
     def lr_at(self, step: int) -> float:
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return self.base_lr * step / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, max(0.0, (step - self.warmup_steps) / span))
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+        fields = (self.base_lr, self.total_steps, self.warmup_steps, self.min_lr)
+        if self._timm is None or self._timm[0] != fields:
+            from timm.scheduler import CosineLRScheduler
+
+            # timm schedulers write into an optimizer's param groups; one stand-in group reads the
+            # unscaled LR, which `apply` then scales per group.
+            probe = SimpleNamespace(param_groups=[{"lr": self.base_lr}])
+            sched = CosineLRScheduler(probe, t_initial=max(1, self.total_steps - self.warmup_steps),
+                                      lr_min=self.min_lr, warmup_t=self.warmup_steps, warmup_lr_init=0.0,
+                                      warmup_prefix=True, t_in_epochs=False)
+            self._timm = (fields, sched, probe.param_groups[0])
+        _, sched, group = self._timm
+        sched.step_update(step)
+        return float(group["lr"])
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every group's LR for optimizer step `step` (0-based); returns the unscaled LR."""
