@@ -69,8 +69,9 @@ def test_export_modes_and_log_levels(tmp_path, umask):
     replacing = f"replacing the artifact at {art}"  # writer.publish, an info message
     quiet = _export_cli("-q", ckpt=ckpt, out=tmp_path / "art")
     assert replacing not in quiet and "debug:" not in quiet
+    assert "ONNX export (" not in quiet  # progress lines obey -q too (mirage_edge._log)
     default = _export_cli(ckpt=ckpt, out=tmp_path / "art")
-    assert replacing in default and "debug:" not in default
+    assert replacing in default and "debug:" not in default and "ONNX export (" in default
     assert _mode(art) == 0o755
 
 
@@ -156,3 +157,19 @@ def test_cosine_schedule_is_the_official_per_step_formula():
                 t = min(1.0, (step - warm) / max(1, total - warm))
                 want = low + (base - low) * 0.5 * (1 + math.cos(math.pi * t))
             assert s.lr_at(step) == pytest.approx(want, rel=1e-12, abs=1e-15), (base, total, warm, step)
+
+
+def test_progress_lines_follow_the_mirage_edge_logger(capsys):
+    import logging
+
+    from mirage_edge._log import progress
+
+    log = logging.getLogger("mirage_edge")
+    old = log.level
+    try:
+        progress("step 1")
+        log.setLevel(logging.WARNING)
+        progress("step 2")
+    finally:
+        log.setLevel(old)
+    assert capsys.readouterr().err == "step 1\n"

@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "mirage_edge"
 
 # Who may import whom, by area (the first name under mirage_edge; "" is mirage_edge/__init__).
 # Shared base modules import only each other; `cli` names its subcommands as strings.
-BASE = frozenset({"", "errors", "config", "_io", "_deps", "_lazy", "artifact"})
+BASE = frozenset({"", "errors", "config", "_io", "_deps", "_lazy", "_log", "artifact"})
 _BELOW = {"data": set(), "metrics": {"data"}, "runtime": {"data"}, "models": {"data", "metrics"}}
 _BELOW["train"] = _BELOW["models"] | {"models"}
 _BELOW["distill"] = _BELOW["train"] | {"train"}

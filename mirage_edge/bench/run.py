@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mirage_edge._log import progress as _progress
 from mirage_edge import config as _config
 from mirage_edge._io import atomic_write_text
 from mirage_edge.bench import accuracy
@@ -92,7 +93,7 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
               precisions: list[str] | None = None, models: list[str] | None = None, isolate: bool | None = None,
               progress: Progress | None = None) -> BenchResult:
     """Benchmark every form of `suite` and write the records and report to `out_dir`."""
-    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = progress or _progress
     out = Path(out_dir)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)

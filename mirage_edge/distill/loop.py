@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mirage_edge._log import progress
 from mirage_edge import config as cfgmod
 from mirage_edge._io import atomic_write_text
 from mirage_edge.distill import evaluate as ev
@@ -167,7 +168,7 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
 def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False,
             log: Log | None = None) -> DistillResult:
     """Run the recipe end to end (see module docstring); returns paths and the test report."""
-    log = log or (lambda m: print(m, flush=True))
+    log = log or progress
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     torch.manual_seed(recipe.run.seed)

@@ -1,6 +1,7 @@
 """`mirage-edge export CHECKPOINT --target export/targets/NAME.toml` (or --format/--precision/--calib)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -126,18 +127,20 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
 
     from rich.console import Console
 
+    from mirage_edge._log import quiet
     from mirage_edge.export.api import export_model
 
     console = Console(stderr=True)
     run = resolve_distill_run(Path(checkpoint), list(tgt.precisions))
     if run is not None:
-        click.echo(f"exporting {run[0]}: {run[1]}", err=True)
+        logging.getLogger(__name__).info("exporting %s: %s", run[0], run[1])
         checkpoint = str(run[0])
     model, source, classes, preprocess = load_source_model(checkpoint, input_size)
     with console.status("exporting...") as status:
         def log(msg: str) -> None:
             status.update(msg)
-            console.log(msg)
+            if not quiet():
+                console.log(msg)
 
         dirs = export_model(model, out, tgt, calib=calib, classes=classes, preprocess=preprocess, source=source,
                             name=name, log=log)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirage_edge._log import progress
 from mirage_edge import config as C
 from mirage_edge._io import atomic_write_text
 from mirage_edge.errors import ConfigError, DataError
@@ -285,8 +286,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
         except ValueError as exc:
             raise ConfigError(f"'center_inputs': {exc}") from None
         if info.is_main:
-            print(f"center_inputs: patch projection trained on pixels - {center:.4f} (training-set mean)",
-                  flush=True)
+            progress(f"center_inputs: patch projection trained on pixels - {center:.4f} (training-set mean)")
     opt = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
                       layer_decay=cfg.optim.layer_decay)
     spe = steps_per_epoch(len(train_set), cfg.loop, info.world_size)
@@ -343,7 +343,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
                 {"checkpoint": str(fit.best_dir), "best_step": fit.best_step, "val": out["val"], "test": test},
                 indent=1, default=float))
             shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items())
-            print(f"test ({fit.best_dir}): {shown}", flush=True)
+            progress(f"test ({fit.best_dir}): {shown}")
     D.shutdown_distributed()
     return out
 

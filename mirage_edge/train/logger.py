@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mirage_edge._log import quiet
 from mirage_edge._deps import has
 
 
@@ -55,7 +56,7 @@ class MetricLogger:
     def info(self, message: str) -> None:
         """A human-readable line on stderr (rank 0 only)."""
         self.messages.append(message)
-        if not self.enabled:
+        if not self.enabled or quiet():
             return
         if self.console is not None:
             self.console.print(message, highlight=False, markup=False)
