@@ -21,7 +21,7 @@ from mirage_edge import __version__
 from mirage_edge._deps import require
 from mirage_edge.artifact import ArtifactMeta, QuantizationInfo, SourceInfo, TensorSpec
 from mirage_edge.data.preprocess import PreprocessSpec
-from mirage_edge.errors import ConfigError, ExportError
+from mirage_edge.errors import ConfigError, ExportError, ValidationError
 from mirage_edge.export import onnx as onnx_x
 from mirage_edge.export import validate as val
 from mirage_edge.export.data import ExportData, load_export_data
@@ -203,6 +203,10 @@ def _build_one(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, base
         else:
             src, qinfo = _int8_onnx(plan, target, base, work, data, fmt, cache)
             shutil.copyfile(src, dst)
+            if plan.fake_quantized:  # the QAT graph itself; PTQ files were finalized by their quantizer
+                rewrites = onnx_x.finalize_onnx(dst, uint8_activations=True)
+                if rewrites:
+                    build["onnx_artifact_rewrites"] = rewrites
         return ["model.onnx"], qinfo, build, hints
     if fmt == "openvino":
         if prec == "int8":
@@ -290,7 +294,50 @@ def _validate(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, stage
     numbers["n_inputs"] = n
     numbers["reference"] = "torch (the exported nn.Module, fp32 on CPU)"
     numbers["backend"] = backend.name
+    if fmt == "onnx":
+        batches = [{m: np.ascontiguousarray(data.val[m][i:i + step]) for m in plan.modalities}
+                   for i in range(0, n, step)]
+        runtimes = _other_onnx_runtimes(stage / files[0], backend.name, plan, target, prec, hints, batches,
+                                        ref)
+        numbers["runtimes"] = runtimes
+        numbers["verified_runtimes"] = [backend.name, *(k for k, v in runtimes.items() if v.get("verified"))]
     return numbers
+
+
+def _other_onnx_runtimes(path: Path, done: str, plan: ExportPlan, target: ExportTarget, prec: str,
+                         hints: dict, batches: list[dict[str, np.ndarray]],
+                         ref: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Run an ONNX artifact in the other runtimes (OpenVINO in process, OpenCV DNN in a child process)
+    and compare with torch. A runtime in `validation.onnx_runtimes` that fails raises ValidationError;
+    one whose package is not installed is recorded as skipped."""
+    from mirage_edge._deps import has
+    from mirage_edge.runtime.backends import open_backend
+
+    cfg = target.validation
+    out: dict[str, dict[str, Any]] = {}
+    for rt, pkg in (("onnxruntime", "onnxruntime"), ("openvino", "openvino"), ("opencv", "cv2")):
+        if rt == done:
+            continue
+        if not has(pkg):
+            out[rt] = {"verified": False, "skipped": f"{pkg} not installed"}
+            continue
+        try:
+            if rt == "opencv":
+                got = val.run_opencv(path, batches)
+            else:
+                b = open_backend(path, "onnx", rt, runtime_hints=hints)
+                got = np.concatenate([b.run(f)[b.output_names[0]] for f in batches])
+            nums: dict[str, Any] = val.parity_numbers(plan.task, plan.output_kind, ref,
+                                                      got.astype(ref.dtype, copy=False), len(plan.classes))
+            if cfg.enabled:
+                val.check(nums, plan.task, plan.output_kind, prec, cfg, f"onnx-{prec} artifact in {rt}")
+            out[rt] = {"verified": True, **nums}
+        except Exception as exc:  # noqa: BLE001 - recorded; raised below for the required runtimes
+            out[rt] = {"verified": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            if cfg.enabled and rt in cfg.onnx_runtimes:
+                raise ValidationError(f"onnx-{prec} artifact fails in {rt} (required by "
+                                      f"validation.onnx_runtimes): {out[rt]['error']}", out[rt]) from exc
+    return out
 
 
 def _versions() -> dict[str, str]:

@@ -15,6 +15,7 @@ from mirage_edge.errors import ConfigError
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_RUNTIMES = ("onnxruntime", "openvino", "opencv")  # what an ONNX artifact is checked in
 
 
 @dataclass
@@ -93,11 +94,18 @@ class ValidationConfig:
     # file. 0 would be an FP32 graph under an INT8 label; heads or attention matmuls kept in float
     # by a recipe lower it, a share under this fails the export.
     int8_min_quantized_share: float = 0.5
+    # ONNX artifacts must load, run and match torch (same thresholds) in each of these runtimes,
+    # else the export fails; the others are tried and recorded in parity["runtimes"].
+    onnx_runtimes: list[str] = field(default_factory=lambda: list(ONNX_RUNTIMES))
     enabled: bool = True
 
     def __post_init__(self) -> None:
         if self.n_inputs < 1:
             raise ValueError(f"validation.n_inputs must be >= 1, got {self.n_inputs}")
+        bad = [r for r in self.onnx_runtimes if r not in ONNX_RUNTIMES]
+        if bad:
+            raise ValueError(f"unknown runtime(s) {bad} in validation.onnx_runtimes "
+                             f"(allowed: {', '.join(ONNX_RUNTIMES)})")
 
 
 @dataclass

@@ -6,6 +6,12 @@ feature cosine (encoders) - plus the task metric for torch and artifact when lab
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +71,62 @@ def parity_numbers(task: str, output_kind: str, ref: np.ndarray, got: np.ndarray
     else:
         out["min_token_cosine"] = min_row_cosine(ref, got) if ref.ndim >= 3 else out["cosine"]
     return out
+
+
+# Child process for `run_opencv`: load once, run every batch, save the first output of each.
+_OPENCV_CHILD = """
+import sys, numpy as np, cv2
+model, feeds_path, out_path, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if threads > 0:
+    cv2.setNumThreads(threads)
+feeds = np.load(feeds_path)
+names = [str(s) for s in feeds["__names__"]]
+net = cv2.dnn.readNetFromONNX(model)
+print("loaded", flush=True)
+outs = {}
+for b in range(int(feeds["__n__"])):
+    for name in names:
+        net.setInput(np.ascontiguousarray(feeds[f"{b}/{name}"]), name)
+    outs[f"out{b}"] = np.asarray(net.forward())
+np.savez(out_path, **outs)
+"""
+
+
+def run_opencv(model: str | Path, batches: list[dict[str, np.ndarray]], *, threads: int = 0,
+               timeout: float = 600.0, python: str | None = None) -> np.ndarray:
+    """OpenCV DNN output of the ONNX file `model` on `batches` ({input name: array} each), concatenated.
+
+    `cv2.dnn.readNetFromONNX` + `forward` run in a fresh interpreter (`python`, default this one), so
+    an OpenCV crash (issue #23: SIGSEGV in the importer) is a RuntimeError naming the signal and the
+    stage, not the death of the exporting process. `python` may name another environment's
+    interpreter to check another OpenCV version (e.g. 4.x). Torch-free.
+    """
+    with tempfile.TemporaryDirectory(prefix="mirage-edge-opencv-") as tmp:
+        feeds_path, out_path = os.path.join(tmp, "feeds.npz"), os.path.join(tmp, "out.npz")
+        arrays = {f"{b}/{k}": np.ascontiguousarray(v) for b, feed in enumerate(batches)
+                  for k, v in feed.items()}
+        names = np.array(list(batches[0]) if batches else [])
+        np.savez(feeds_path, __n__=np.array(len(batches)), __names__=names, **arrays)
+        try:
+            proc = subprocess.run([python or sys.executable, "-c", _OPENCV_CHILD, str(model), feeds_path,
+                                   out_path, str(threads)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"OpenCV DNN timed out after {timeout:g} s on {Path(model).name}") from exc
+        if proc.returncode != 0:
+            stage = "setInput/forward" if "loaded" in proc.stdout else "readNetFromONNX"
+            if proc.returncode < 0:
+                try:
+                    sig = signal.Signals(-proc.returncode).name
+                except ValueError:
+                    sig = f"signal {-proc.returncode}"
+                why = f"crashed ({sig}) in {stage}"
+            else:
+                lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+                err = next((ln for ln in reversed(lines) if "error:" in ln), lines[-1] if lines else "")
+                why = f"failed in {stage}: {err[:300]}"
+            raise RuntimeError(f"OpenCV DNN {why} [{Path(model).name}]")
+        with np.load(out_path) as z:
+            return np.concatenate([z[f"out{b}"] for b in range(len(batches))])
 
 
 def task_metric(task: str, output_kind: str, outputs: np.ndarray, labels: np.ndarray,

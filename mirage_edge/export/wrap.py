@@ -209,9 +209,11 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
     if argmax:
         out_shape = [out_shape[0], *out_shape[2:]]
     return ExportPlan(
+        # eval(): torch.onnx's TorchScript exporter restores the wrapper's mode on exit, and a fresh
+        # module is in training mode, which would leave `model` in training mode after export.
         wrapper=ExportWrapper(model, mode, modalities, argmax=argmax,
                               mask_stride=target.seg_mask_stride if argmax else 1,
-                              mask_dtype=getattr(torch, mask)),
+                              mask_dtype=getattr(torch, mask)).eval(),
         task=task, modalities=modalities, input_sizes=sizes, classes=names, output_kind=kind,
         output_dtype=mask if argmax else "float32",
         output_shape=out_shape, fake_quantized=fake_quant_kind(model), has_attention=has_attention(model),
