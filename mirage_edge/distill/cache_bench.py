@@ -10,12 +10,12 @@ Prints a JSON record.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import click
 import torch
 
 
@@ -68,19 +68,18 @@ def measure(teacher: str, student: str, data: str, image_size: int, n: int, batc
             "speedup": online / cached, "cache_fill_s": fill, "cache_entries": stats["computed"]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", default="mirage-base")
-    ap.add_argument("--student", default="mobilenetv4_conv_small")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--image-size", type=int, default=512)
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None)
-    a = ap.parse_args(argv)
-    print(json.dumps(measure(a.teacher, a.student, a.data, a.image_size, a.n, a.batch_size, a.threads,
-                             a.cache_dir), indent=1))
+@click.command(help=(__doc__ or "").split("\n")[0])
+@click.option("--teacher", default="mirage-base", show_default=True)
+@click.option("--student", default="mobilenetv4_conv_small", show_default=True)
+@click.option("--data", required=True)
+@click.option("--image-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--n", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--cache-dir", default=None)
+def main(teacher: str, student: str, data: str, image_size: int, n: int, batch_size: int, threads: int,
+         cache_dir: str | None) -> None:
+    click.echo(json.dumps(measure(teacher, student, data, image_size, n, batch_size, threads, cache_dir), indent=1))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ macro-F1 - the same probe on both teacher views gives the reference. Prints a JS
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import numpy as np
+import click
 import torch
 
 
@@ -101,16 +101,15 @@ def measure(teacher: str, data: str, student_a: str, student_b: str, image_size:
     return rec
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", required=True, help="a MIRAGE encoder that takes bscan + slo")
-    ap.add_argument("--data", required=True, help="a `multimodal` set (bscan/, slo/, bscanlayermap/)")
-    ap.add_argument("--student-a", required=True, help="student/ of the run distilled from B-scan + SLO")
-    ap.add_argument("--student-b", required=True, help="student/ of the run distilled from the B-scan only")
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    print(json.dumps(measure(a.teacher, a.data, a.student_a, a.student_b, a.image_size, a.threads), indent=1))
+@click.command(help=(__doc__ or "").split("\n")[0])
+@click.option("--teacher", required=True, help="a MIRAGE encoder that takes bscan + slo")
+@click.option("--data", required=True, help="a `multimodal` set (bscan/, slo/, bscanlayermap/)")
+@click.option("--student-a", required=True, help="student/ of the run distilled from B-scan + SLO")
+@click.option("--student-b", required=True, help="student/ of the run distilled from the B-scan only")
+@click.option("--image-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+def main(teacher: str, data: str, student_a: str, student_b: str, image_size: int, threads: int) -> None:
+    click.echo(json.dumps(measure(teacher, data, student_a, student_b, image_size, threads), indent=1))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ larger independent set (e.g. `mirage-edge data synth --seed 7`, `--split all`). 
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import click
 
 from mirage_edge.errors import ConfigError, DataError, MirageEdgeError
 
@@ -58,19 +59,18 @@ def heldout_report(run: str | Path, data: str | Path, split: str = "test", teach
     return {"run": str(run), "data": str(data), "split": split, "teacher": recipe.teacher.model, **rep}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run", help="a finished `mirage-edge distill` output folder")
-    ap.add_argument("--data", required=True, help="a labelled set of the run's task (RetinaBench layout)")
-    ap.add_argument("--split", default="test", choices=SPLITS)
-    ap.add_argument("--teacher", default=None, help="the teacher, if it moved since the run (default: the recipe's)")
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
+@click.command(help=(__doc__ or "").split("\n")[0])
+@click.argument("run")
+@click.option("--data", required=True, help="a labelled set of the run's task (RetinaBench layout)")
+@click.option("--split", default="test", show_default=True, type=click.Choice(SPLITS))
+@click.option("--teacher", default=None, help="the teacher, if it moved since the run (default: the recipe's)")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+def main(run: str, data: str, split: str, teacher: str | None, threads: int) -> None:
     try:
-        rep = heldout_report(a.run, a.data, a.split, a.teacher, a.threads)
+        rep = heldout_report(run, data, split, teacher, threads)
     except MirageEdgeError as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(json.dumps(rep, indent=1, default=str))
+    click.echo(json.dumps(rep, indent=1, default=str))
 
 
 if __name__ == "__main__":
