@@ -33,7 +33,12 @@ def measure(teacher: str, student: str, data: str, image_size: int, n: int, batc
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    t = Teacher(load_teacher(teacher, input_size=image_size), ["bscan"], [], name=teacher)
+    # timing only: a registered name is built with random weights (the cost does not depend on them)
+    from mirage_edge.models.registry import is_model
+
+    rnd = is_model(teacher)
+    t = Teacher(load_teacher(teacher, random_weights=rnd, input_size=image_size), ["bscan"], [], name=teacher,
+                random_weights=rnd)
     index = open_index(data, "auto")
     spec = PreprocessSpec(size=(image_size, image_size))
     ds = DistillSamples(index, "train" if "train" in index.splits else None, spec, ["bscan"], limit=n)

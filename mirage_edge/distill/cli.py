@@ -17,6 +17,9 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
               help="Recipe TOML (a path, or a name in distill/recipes/, e.g. tiny-demo).")
 @click.option("--teacher", default=None, metavar="NAME|PATH|hf:DIR",
               help="Teacher: registered name (mirage-large), checkpoint path (ours or official .pth) or hf:<dir>.")
+@click.option("--random-teacher", is_flag=True, default=None,
+              help="Distil from a randomly initialised registered teacher on purpose (tests, timing); the report "
+                   "says so. Without it a registered name needs its official weights.")
 @click.option("--teacher-config", default=None, metavar="JSON",
               help="Dimensions of an official checkpoint of a non-standard size (e.g. tiny_config.json).")
 @click.option("--student", default=None, metavar="NAME",
@@ -35,7 +38,8 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
 @click.option("--print-config", is_flag=True,
               help="Print the resolved recipe (extends, flags and overrides applied) as TOML and exit.")
 @click.argument("overrides", nargs=-1)
-def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | None, student: str | None,
+def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | None, teacher_config: str | None,
+                student: str | None,
                 data_path: str | None, task: str | None, qat: bool | None, image_size: int | None,
                 out_dir: str | None, device: str | None, resume: bool, overwrite: bool, as_json: bool,
                 print_config: bool, overrides: tuple[str, ...]) -> None:
@@ -45,7 +49,7 @@ def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | N
 
     \b
     Examples:
-      mirage-edge distill --recipe tiny-demo --data data/layers
+      mirage-edge distill --recipe tiny-demo --data data/layers        # its teacher: random mirage-tiny, on purpose
       mirage-edge distill --recipe cls-tiny-vit --print-config      # the recipe as it would run
       mirage-edge distill --recipe mirage-large-mnv4-layers --teacher runs/teacher_seg --data data/layers --qat
       mirage-edge distill --teacher tiny_official.pth --teacher-config tiny_config.json --student student-tiny \\
@@ -55,7 +59,8 @@ def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | N
     from mirage_edge.distill.recipe import load_recipe
 
     rec = load_recipe(recipe, overrides, sets={
-        "teacher.model": teacher, "teacher.config": teacher_config, "student.name": student,
+        "teacher.model": teacher, "teacher.random_weights": random_teacher or None,
+        "teacher.config": teacher_config, "student.name": student,
         "data.path": data_path, "data.task": _TASKS[task] if task else None, "qat.enabled": qat,
         "data.image_size": image_size, "out": out_dir, "run.device": device,
     })
@@ -67,6 +72,9 @@ def distill_cmd(recipe: str | None, teacher: str | None, teacher_config: str | N
 
     result = distill(rec, resume=resume, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     test = result.report.get("test", {})
+    if (result.report.get("teacher") or {}).get("random_weights"):
+        click.echo(f"teacher: {rec.teacher.model} with RANDOM WEIGHTS (asked for): the figures below measure "
+                   "imitation of a random network")
     click.echo(f"student: {result.student_dir}")
     if result.onnx_path:
         click.echo(f"int8:    {result.int8_dir} ({result.onnx_path.name}, explicit Q/DQ)")

@@ -64,12 +64,14 @@ class TaskLossConfig:
 class TeacherSpec:
     """model: registered name, checkpoint path or hf:<dir>; config: JSON with the dimensions of an
     official checkpoint of a size other than Base/Large (e.g. the tiny fixture's tiny_config.json).
+    random_weights: distil from a randomly initialised registered architecture on purpose (tests,
+    timing); without it a registered name loads its official weights or fails saying where to put them.
     modalities: teacher inputs, B-scan first (["bscan", "slo"] = cross-modal KD).
     layers: encoder blocks matched as intermediate targets."""
 
     model: str = "mirage-tiny"
     config: str = ""
-    pretrained: bool = False
+    random_weights: bool = False
     modalities: list[str] = field(default_factory=lambda: ["bscan"])
     layers: list[int] = field(default_factory=list)
 

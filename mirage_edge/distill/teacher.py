@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mirage_edge.distill.recipe import DistillRecipe
-from mirage_edge.errors import ConfigError, InputError
+from mirage_edge.errors import ConfigError, InputError, WeightsNotFoundError
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -38,17 +38,31 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_teacher(spec: str, *, pretrained: bool = False, input_size: int | None = None,
+def load_teacher(spec: str, *, random_weights: bool = False, input_size: int | None = None,
                  config: str | Path | None = None) -> nn.Module:
-    """Build the teacher module from a name, path or ``hf:<dir>`` (see module docstring)."""
+    """Build the teacher module from a name, path or ``hf:<dir>`` (see module docstring).
+
+    A registered name loads its official weights (WeightsNotFoundError saying where to put them
+    when they are not found) unless `random_weights` asks for a random initialisation on purpose:
+    a random teacher by accident would distil noise and still exit 0.
+    """
     from mirage_edge.models import create_model
     from mirage_edge.models.registry import is_model
 
     kwargs: dict[str, Any] = {}
     if is_model(spec):
+        from mirage_edge.models.students import is_student
+
+        if is_student(spec):  # pretrained=True would fetch ImageNet weights of a student family
+            raise ConfigError(f"teacher {spec!r} is a student architecture, not a MIRAGE teacher: pass "
+                              "mirage-base / mirage-large or a teacher checkpoint")
         if input_size is not None:
             kwargs["input_size"] = int(input_size)
-        model = create_model(spec, pretrained=pretrained, **kwargs)
+        try:
+            model = create_model(spec, pretrained=not random_weights, **kwargs)
+        except WeightsNotFoundError as exc:
+            raise WeightsNotFoundError(f"teacher: {exc}; or --random-teacher (teacher.random_weights = true) to "
+                                       "distil from random weights on purpose") from None
     else:
         if not spec.startswith("hf:") and not Path(spec).exists():
             raise ConfigError(f"teacher {spec!r} is neither a registered model nor an existing path "
@@ -66,8 +80,9 @@ class Teacher:
     """
 
     def __init__(self, model: nn.Module, modalities: Sequence[str] = ("bscan",),
-                 layers: Sequence[int] = (), name: str = "") -> None:
+                 layers: Sequence[int] = (), name: str = "", random_weights: bool = False) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.random_weights = random_weights
         self.name = name
         is_task = hasattr(model, "head") and hasattr(model, "encoder")
         # MIRAGE's own `.encoder` is its block list; only task models wrap an encoder module
@@ -124,7 +139,8 @@ class Teacher:
         return shapes
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "weights_sha256": self.weights_hash(), "modalities": self.modalities,
+        return {"name": self.name, "random_weights": self.random_weights, "weights_sha256": self.weights_hash(),
+                "modalities": self.modalities,
                 "layers": self.layers, "embed_dim": self.embed_dim, "num_global_tokens": self.num_global_tokens,
                 "input_size": list(self.input_size), "grid": list(self.grid), "task": self.task}
 
@@ -161,15 +177,22 @@ class Teacher:
 def build_teacher(recipe: DistillRecipe, log: Callable[[str], None]) -> Teacher:
     """The recipe's teacher at `data.image_size` (positional tables resampled if built for another size)."""
     size = recipe.data.image_size
-    model = load_teacher(recipe.teacher.model, pretrained=recipe.teacher.pretrained, input_size=size,
+    from mirage_edge.models.registry import is_model
+
+    random = recipe.teacher.random_weights and is_model(recipe.teacher.model)
+    model = load_teacher(recipe.teacher.model, random_weights=random, input_size=size,
                          config=recipe.teacher.config or None)
+    if random:
+        log(f"teacher {recipe.teacher.model}: RANDOM WEIGHTS (teacher.random_weights = true); the student "
+            "learns to imitate noise - for tests and timing only")
     enc = getattr(model, "encoder", model) if hasattr(model, "head") else model
     if tuple(enc.input_size) != (size, size):
         if not hasattr(enc, "set_input_size"):
             raise ConfigError(f"teacher input size {tuple(enc.input_size)} != data.image_size {size}")
         log(f"teacher built for {tuple(enc.input_size)}: positional tables resampled to {size}x{size}")
         enc.set_input_size(size)
-    return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model)
+    return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model,
+                   random_weights=random)
 
 
 __all__ = ["Teacher", "load_teacher", "build_teacher", "weights_hash"]
