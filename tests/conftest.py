@@ -37,6 +37,24 @@ def run_without_torch(code: str, *args: str, cwd: Path | None = None) -> subproc
     )
 
 
+_CLI_NO_TORCH = """
+import sys
+from mirage_edge.cli import main
+sys.argv = ["mirage-edge", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+assert "torch" not in sys.modules, "the command imported torch"
+"""
+
+
+def cli_without_torch(*argv: str) -> subprocess.CompletedProcess:
+    """`mirage-edge ARGV` in a fresh interpreter where torch cannot be imported; the child fails (non-zero
+    return code) when the command exits non-zero or imports torch anyway."""
+    return run_without_torch(_CLI_NO_TORCH, *argv)
+
+
 @pytest.fixture(scope="session")
 def mirage_ref() -> Path:
     if not MIRAGE_REF.is_dir():

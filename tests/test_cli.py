@@ -2,24 +2,13 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from conftest import run_without_torch
+from conftest import cli_without_torch, run_without_torch
 from mirage_edge import __version__
 from mirage_edge.cli import COMMANDS, cli
 
 
 def test_help_does_not_import_torch():
-    proc = run_without_torch(
-        """
-        import sys
-        from mirage_edge.cli import main
-        sys.argv = ["mirage-edge", "--help"]
-        try:
-            main()
-        except SystemExit as e:
-            assert e.code in (0, None), e.code
-        assert "torch" not in sys.modules
-        """
-    )
+    proc = cli_without_torch("--help")
     assert proc.returncode == 0, proc.stderr
     assert "Usage: mirage-edge" in proc.stdout
     for name in COMMANDS:
@@ -28,18 +17,7 @@ def test_help_does_not_import_torch():
 
 def test_every_subcommand_help_is_torch_free():
     for name in COMMANDS:
-        proc = run_without_torch(
-            f"""
-            import sys
-            from mirage_edge.cli import main
-            sys.argv = ["mirage-edge", "{name}", "--help"]
-            try:
-                main()
-            except SystemExit as e:
-                assert e.code in (0, None), e.code
-            assert "torch" not in sys.modules
-            """
-        )
+        proc = cli_without_torch(name, "--help")
         assert proc.returncode == 0, f"{name}: {proc.stderr}"
 
 

@@ -135,8 +135,8 @@ def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list
     metrics = [m for m in (*CLS_METRICS, *SEG_METRICS) if any(getattr(r, m) is not None for r in records)]
     if not metrics:
         metrics = [PRIMARY_METRIC[k] for k in sorted(kinds) if k in PRIMARY_METRIC]
-    head = (["model", "role", "backend", "precision", "int8 ops", "threads", "batch", "input", "median ms", "p90", "p99", "max",
-             "n", "latency / teacher", "img/s", "load s", "peak RSS MB", "size MB", "params M", "GFLOPs"]
+    head = (["model", "role", "backend", "precision", "int8 ops", "threads", "batch", "input", "median ms", "p90",
+             "p99", "max", "n", "latency / teacher", "img/s", "load s", "peak RSS MB", "size MB", "params M", "GFLOPs"]
             + metrics + ["retention", "agree", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mirage_edge._log import progress as _progress
 from mirage_edge import config as _config
 from mirage_edge._io import atomic_write_text
+from mirage_edge._log import progress as _progress
 from mirage_edge.bench import accuracy
 from mirage_edge.bench.hardware import HardwareInfo, describe_hardware
 from mirage_edge.bench.record import BenchRecord, is_teacher_reference, record_from_dict, write_records

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import click
 import torch
@@ -25,9 +24,9 @@ def measure(teacher: str, student: str, data: str, image_size: int, n: int, batc
     from mirage_edge.distill.data import DistillSamples, collate, open_index
     from mirage_edge.distill.loop import attach_cache
     from mirage_edge.distill.losses import feature_loss
-    from mirage_edge.models.projector import ProjectedStudent
     from mirage_edge.distill.recipe import DistillRecipe, FeatureLossConfig
     from mirage_edge.distill.teacher import Teacher, load_teacher
+    from mirage_edge.models.projector import ProjectedStudent
     from mirage_edge.models.students import build_student
 
     if threads:
@@ -84,7 +83,8 @@ def measure(teacher: str, student: str, data: str, image_size: int, n: int, batc
 @click.option("--cache-dir", default=None)
 def main(teacher: str, student: str, data: str, image_size: int, n: int, batch_size: int, threads: int,
          cache_dir: str | None) -> None:
-    click.echo(json.dumps(measure(teacher, student, data, image_size, n, batch_size, threads, cache_dir), indent=1))
+    rec = measure(teacher, student, data, image_size, n, batch_size, threads, cache_dir)
+    click.echo(json.dumps(rec, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import click
+import numpy as np
 import torch
 
 

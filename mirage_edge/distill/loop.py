@@ -33,19 +33,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mirage_edge._log import progress
 from mirage_edge import config as cfgmod
 from mirage_edge._io import atomic_write_text
+from mirage_edge._log import progress
 from mirage_edge.distill import evaluate as ev
 from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
 from mirage_edge.distill.losses import feature_loss, task_kd_loss
-from mirage_edge.models.projector import ProjectedStudent
 from mirage_edge.distill.recipe import DistillRecipe, Stage2Spec
 from mirage_edge.distill.stage import Log, run_stage
 from mirage_edge.distill.student_io import save_student
 from mirage_edge.distill.teacher import Teacher, build_teacher
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
+from mirage_edge.models.projector import ProjectedStudent
 from mirage_edge.train.checkpoint import unwrap
 
 

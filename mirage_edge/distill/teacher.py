@@ -176,9 +176,9 @@ class Teacher:
 
 def build_teacher(recipe: DistillRecipe, log: Callable[[str], None]) -> Teacher:
     """The recipe's teacher at `data.image_size` (positional tables resampled if built for another size)."""
-    size = recipe.data.image_size
     from mirage_edge.models.registry import is_model
 
+    size = recipe.data.image_size
     random = recipe.teacher.random_weights and is_model(recipe.teacher.model)
     model = load_teacher(recipe.teacher.model, random_weights=random, input_size=size,
                          config=recipe.teacher.config or None)

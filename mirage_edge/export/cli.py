@@ -82,8 +82,9 @@ def resolve_distill_run(path: Path, precisions: list[str]) -> tuple[Path, str] |
     if (fp32 / "config.json").is_file():
         why = "the FP32 student of this distill run"
         if "int8" in precisions:
-            why += " (INT8 by post-training quantization: export int8 alone to use its QAT student)" \
-                if (qat / "qat.json").is_file() else " (INT8 by post-training quantization: the run has no QAT student)"
+            why += (" (INT8 by post-training quantization: "
+                    + ("export int8 alone to use its QAT student)" if (qat / "qat.json").is_file()
+                       else "the run has no QAT student)"))
         return fp32, why
     raise ConfigError(f"{path} is a distill run folder without a finished student (no student/config.json); "
                       "finish it with `mirage-edge distill ... --resume`")
@@ -108,7 +109,8 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
                calib: Path | None, calib_images: int | None, task: str | None, input_size: tuple[int, int] | None,
                overrides: tuple[str, ...], out: Path, name: str) -> None:
     """Export CHECKPOINT (our checkpoint folder, a `distill` output folder, an official MIRAGE file, or a
-    registered model name) to validated artifacts: OUT/<format>-<precision>/ with model file(s), metadata.json, SHA256SUMS.
+    registered model name) to validated artifacts: OUT/<format>-<precision>/ with model file(s),
+    metadata.json, SHA256SUMS.
     """
     from mirage_edge.export.target import load_target
 

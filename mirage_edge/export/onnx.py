@@ -8,7 +8,6 @@ static INT8 wrecks ViT attention) or with NNCF. What stays in float is counted i
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +171,20 @@ def _scalar(name: str, consts: dict[str, Any]) -> float | None:
     return float(a.reshape(-1)[0]) if a.size == 1 and a.dtype.kind == "f" else None
 
 
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    """tensor name -> the nodes that read it."""
+    out: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
 def _canonicalize_gelu(model: Any) -> int:
     g = model.graph
     consts = _constants(g)
     producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(g)
     graph_outputs = {o.name for o in g.output}
 
     def sole(name: str, op: str) -> Any:
@@ -249,11 +254,15 @@ def _float_gemm_bias(model: Any) -> int:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
         for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
             g.node.remove(n)
-        used = {i for n in g.node for i in n.input}
-        keep = [i for i in g.initializer if i.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        _drop_unused_initializers(g)
     return count
+
+
+def _drop_unused_initializers(g: Any) -> None:
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
 
 
 def _uint8_activations(model: Any) -> int:
@@ -261,10 +270,7 @@ def _uint8_activations(model: Any) -> int:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    users: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _consumers(g)
     acts = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits
             and len(n.input) > 2 and n.input[2] in inits]
     if not {TensorProto.INT8, TensorProto.UINT8} <= {inits[q.input[2]].data_type for q in acts}:
@@ -287,10 +293,7 @@ def _uint8_activations(model: Any) -> int:
                 vi.type.tensor_type.elem_type = TensorProto.UINT8
         count += 1
     if count:
-        used = {i for n in g.node for i in n.input}
-        keep = [i for i in g.initializer if i.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        _drop_unused_initializers(g)
     return count
 
 

@@ -23,42 +23,44 @@ INT8_ONNX_KERNELS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMu
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def fake_quant_kind(model: nn.Module) -> str:
-    """"nncf" / "torch" if `model` carries fake-quantizers (QAT / PTQ'd torch model), else ""."""
+def _nncf_quantizer_type() -> Any:
+    """NNCF's quantizer module base class, or None without NNCF (an optional dependency)."""
     try:
         from nncf.torch.quantization.layers import BaseQuantizer  # type: ignore
-    except Exception:  # noqa: BLE001 - nncf optional
-        BaseQuantizer = None  # type: ignore[assignment]
+    except Exception:  # noqa: BLE001 - not installed, or a broken install: no NNCF quantizers then
+        return None
+    return BaseQuantizer
+
+
+def _nncf_quantizers(model: nn.Module) -> list[nn.Module]:
+    base = _nncf_quantizer_type()
+    return [] if base is None else [m for m in model.modules() if isinstance(m, base)]
+
+
+def fake_quant_kind(model: nn.Module) -> str:
+    """"nncf" / "torch" if `model` carries fake-quantizers (QAT / PTQ'd torch model), else ""."""
     from torch.ao.quantization import FakeQuantizeBase
 
-    kind = ""
-    for mod in model.modules():
-        if BaseQuantizer is not None and isinstance(mod, BaseQuantizer):
-            return "nncf"
-        if isinstance(mod, FakeQuantizeBase):
-            kind = "torch"
-    return kind
+    if _nncf_quantizers(model):
+        return "nncf"
+    return "torch" if any(isinstance(m, FakeQuantizeBase) for m in model.modules()) else ""
 
 
 def count_quantizers(model: nn.Module) -> int:
     """Number of NNCF quantizer modules in `model` (0 without NNCF)."""
-    try:
-        from nncf.torch.quantization.layers import BaseQuantizer  # type: ignore
-    except Exception:  # noqa: BLE001
-        return 0
-    return sum(isinstance(m, BaseQuantizer) for m in model.modules())
+    return len(_nncf_quantizers(model))
 
 
 @contextlib.contextmanager
 def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily switch every NNCF quantizer to emit ONNX QuantizeLinear/DequantizeLinear pairs
     (their default is OpenVINO's FakeQuantize, which ONNX Runtime and TensorRT cannot run)."""
-    try:
-        from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode  # type: ignore
-    except Exception:  # noqa: BLE001 - no NNCF: nothing to switch
+    quantizers = _nncf_quantizers(model)
+    if not quantizers:  # no NNCF, or no NNCF quantizer: nothing to switch
         yield model
         return
-    quantizers = [m for m in model.modules() if isinstance(m, BaseQuantizer)]
+    from nncf.torch.quantization.layers import QuantizerExportMode  # type: ignore
+
     old = [q._export_mode for q in quantizers]
     for q in quantizers:
         q.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
