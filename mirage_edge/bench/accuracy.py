@@ -57,14 +57,7 @@ def load_task(task: Any, max_samples: int | None = None) -> TaskData:
         labels = np.asarray([s.label for s in samples], dtype=np.int64)
         return TaskData(task.name, "cls", list(index.classes), images, names, vols, labels=labels)
     assert index.info is not None  # scan_dataset requires INFO.json for segmentation
-    lut = index.info.lut()
-    masks = []
-    for s in samples:
-        raw = read_image(s.mask)
-        mask = lut[np.minimum(raw, len(lut) - 1)]
-        if (mask < 0).any():
-            raise DataError(f"mask {s.mask} has pixel values not listed in {index.info.path or 'INFO.json'}")
-        masks.append(mask)
+    masks = [index.info.class_map(read_image(s.mask), s.mask) for s in samples]
     return TaskData(task.name, "seg", list(index.classes), images, names, vols, masks=masks)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mirage_edge.data.io import read_image
-from mirage_edge.data.layout import DatasetIndex, Sample, Task, problems_error, scan_dataset
+from mirage_edge.data.layout import DatasetIndex, Sample, SegInfo, Task, problems_error, scan_dataset
 from mirage_edge.errors import DataError
 
 
@@ -35,7 +35,7 @@ class _SampleResult:
     class_pixels: np.ndarray | None = None  # counts per class index (segmentation)
 
 
-def _check_sample(sample: Sample, lut: np.ndarray | None) -> _SampleResult:
+def _check_sample(sample: Sample, info: SegInfo | None) -> _SampleResult:
     res = _SampleResult()
     try:
         img = read_image(sample.image)
@@ -50,20 +50,19 @@ def _check_sample(sample: Sample, lut: np.ndarray | None) -> _SampleResult:
         except DataError as exc:
             res.problems.append((mpath, str(exc)))
         else:
-            if not np.issubdtype(mask.dtype, np.integer):
-                res.problems.append((mpath, f"mask {mpath} has dtype {mask.dtype}; masks hold integer class values"))
-            elif lut is not None:
-                values = np.unique(mask)
-                bad = [int(v) for v in values if v >= len(lut) or lut[v] < 0]
-                if bad:
-                    allowed = sorted(np.flatnonzero(lut >= 0).tolist())
-                    res.problems.append((mpath, f"mask {mpath} has pixel values {bad[:10]} that are not in "
-                                                f"INFO.json (allowed: {allowed})"))
+            if info is not None:
+                try:  # the mapping training and distillation use, so a user meets the same error here
+                    classes = info.class_map(mask, mpath)
+                except DataError as exc:
+                    res.problems.append((mpath, str(exc)))
                 else:
-                    res.class_pixels = np.bincount(lut[mask].ravel(), minlength=int(lut.max()) + 1)
+                    res.class_pixels = np.bincount(classes.ravel(), minlength=info.num_classes)
+            elif not np.issubdtype(mask.dtype, np.integer):
+                res.problems.append((mpath, f"mask {mpath} has dtype {mask.dtype}; masks hold integer class "
+                                            "values"))
             if img is not None and mask.shape != img.shape:
                 res.problems.append((mpath, f"size mismatch: mask {mpath} is {mask.shape[0]}x{mask.shape[1]} but "
-                                            f"image {sample.image} is {img.shape[0]}x{img.shape[1]}"))
+                                            f"image {sample.image} is {img.shape[0]}x{img.shape[1]} (H x W)"))
     for name, path in sample.extra:
         try:
             arr = read_image(path)
@@ -124,16 +123,15 @@ def check_dataset(root: str | Path | DatasetIndex, task: Task = "auto", skip_bad
 
     Never raises for per-file problems: they are in `report.problems` (and, with `skip_bad`, the
     bad samples are moved out of `report.index` into `index.excluded`). Folder-level problems
-    (missing folder, empty split/class, malformed INFO.json) raise `DataError`.
+    (missing folder, empty split/class, malformed INFO.json, two files sharing a stem) raise `DataError`.
     """
     index = root if isinstance(root, DatasetIndex) else scan_dataset(root, task, skip_bad=True)
     structural = list(index.excluded) if not isinstance(root, DatasetIndex) else []
-    lut = index.info.lut() if index.info is not None else None
     wanted = [s for s in index.splits if splits is None or s in splits]
     jobs = [(split, s) for split in wanted for s in index.splits[split]]
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: _check_sample(job[1], lut), jobs))
+        results = list(pool.map(lambda job: _check_sample(job[1], index.info), jobs))
     problems = list(structural)
     sizes: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
@@ -147,11 +145,8 @@ def check_dataset(root: str | Path | DatasetIndex, task: Task = "auto", skip_bad
         if res.shape is not None:
             sizes[f"{res.shape[0]}x{res.shape[1]}"] += 1
             dtypes[res.dtype or "?"] += 1
-        if res.class_pixels is not None and lut is not None:
-            n = index.info.num_classes if index.info else len(res.class_pixels)
-            counts = np.zeros(n, dtype=np.int64)
-            counts[: len(res.class_pixels)] += res.class_pixels[:n]
-            pixels[split] = pixels.get(split, 0) + counts
+        if res.class_pixels is not None:
+            pixels[split] = pixels.get(split, 0) + res.class_pixels.astype(np.int64)
     if skip_bad:
         new_splits = {k: [s for s in v if (k, s.id) not in bad_ids] for k, v in index.splits.items()}
         empty = [k for k, v in new_splits.items() if not v]

@@ -98,7 +98,6 @@ class SegmentationFolder(_FolderBase):
             raise DataError(f"{self.index.root} has no INFO.json; a segmentation set needs one")
         self.info = self.index.info
         self.classes = self.info.labels
-        self._lut = self.info.lut()
 
     @property
     def num_classes(self) -> int:
@@ -109,12 +108,7 @@ class SegmentationFolder(_FolderBase):
         s = self.samples[i]
         if s.mask is None:
             raise DataError(f"{s.image} has no mask")
-        raw = read_image(s.mask)
-        mask = self._lut[np.minimum(raw, len(self._lut) - 1)]
-        if (mask < 0).any():
-            bad = sorted(set(np.unique(raw[mask < 0]).tolist()))
-            raise DataError(f"mask {s.mask} has pixel values {bad} not in {self.info.path or 'INFO.json'}")
-        return mask
+        return self.info.class_map(read_image(s.mask), s.mask)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
@@ -176,7 +170,7 @@ class MultimodalFolder(_FolderBase):
         if missing:
             raise DataError(f"{self.index.root} has no {missing} modality (available: {list(avail)})")
         self.layermap_size = tuple(layermap_size or (max(1, self.spec.size[0] // 4), max(1, self.spec.size[1] // 4)))
-        self._lut = self.index.info.lut() if self.index.info is not None else None
+        self.info = self.index.info
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
@@ -190,8 +184,8 @@ class MultimodalFolder(_FolderBase):
             else:
                 t = self._image(path)
             out[m] = t.flip(-1) if flip else t
-        if s.mask is not None and self._lut is not None:
-            mask = self._lut[np.minimum(read_image(s.mask), len(self._lut) - 1)]
+        if s.mask is not None and self.info is not None:
+            mask = self.info.class_map(read_image(s.mask), s.mask)
             m = torch.from_numpy(np.ascontiguousarray(resize_mask(mask, self.spec.size)))
             out["mask"] = m.flip(-1) if flip else m
         if self.augment is not None and "bscan" in out:

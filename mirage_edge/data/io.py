@@ -16,18 +16,26 @@ numpy so non-ASCII paths work), TIFF via ``tifffile`` when OpenCV cannot decode 
 unusual compression), and ``.npy`` arrays (the MIRAGE pretraining format). A file that is missing,
 empty, truncated or not an image raises :class:`~mirage_edge.errors.DataError` naming the file; so
 does a multi-page TIFF (a whole volume in one file), which would otherwise pass as its first page.
+
+Before decoding, the image size is read from the file header (`image_shape`): an image of more than
+`pixel_limit()` pixels (default 100 megapixels; environment variable ``MIRAGE_EDGE_MAX_PIXELS``, 0 =
+no limit) is refused, since a few-KB PNG can decode to gigabytes (a decompression bomb). Content that
+is none of the formats above (whatever its suffix) is refused too: OpenCV would otherwise decode it
+by its content (WebP, JPEG 2000, ...) without the size check.
 """
 from __future__ import annotations
 
 import logging
+import os
+import struct
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import cv2
 import numpy as np
 
 from mirage_edge._io import atomic_write_bytes
-from mirage_edge.errors import DataError
+from mirage_edge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +44,139 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy")
 # BT.601 luma weights in OpenCV's BGR channel order.
 _LUMA_BGR = np.array([0.114, 0.587, 0.299], dtype=np.float64)
 
+MAX_PIXELS_ENV = "MIRAGE_EDGE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 100_000_000  # 10000 x 10000; OCT B-scans are well under 10 megapixels
+
 
 def is_image_file(path: str | Path) -> bool:
     """True for a file name with a suffix `read_image` understands (case-insensitive)."""
     p = Path(path)
     return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def pixel_limit() -> int:
+    """Largest image (H * W pixels) `read_image` decodes: ``MIRAGE_EDGE_MAX_PIXELS``, else 100 M; 0 = any."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ConfigError(f"environment variable {MAX_PIXELS_ENV}={raw!r} must be a whole number of pixels "
+                          f"(e.g. {DEFAULT_MAX_PIXELS}; 0 disables the limit)")
+    return limit
+
+
+def _tiff_shape(fh: BinaryIO, head: bytes) -> tuple[int, int] | None:
+    # First IFD of a classic (42) or Big (43) TIFF: tags 256 ImageWidth, 257 ImageLength.
+    bo = "<" if head[:2] == b"II" else ">"
+    big = struct.unpack(bo + "H", head[2:4])[0] == 43
+    if big:
+        fh.seek(8)
+        offset = struct.unpack(bo + "Q", fh.read(8))[0]
+    else:
+        offset = struct.unpack(bo + "I", head[4:8])[0]
+    fh.seek(offset)
+    count = struct.unpack(bo + ("Q" if big else "H"), fh.read(8 if big else 2))[0]
+    size = 20 if big else 12
+    entries = fh.read(min(count, 4096) * size)
+    dims: dict[int, int] = {}
+    for i in range(0, len(entries) - size + 1, size):
+        tag, typ = struct.unpack(bo + "HH", entries[i:i + 4])
+        value = entries[i + (12 if big else 8):i + size]
+        fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)  # SHORT, LONG, LONG8 (left-justified in the field)
+        if tag in (256, 257) and fmt:
+            dims[tag] = struct.unpack(bo + fmt, value[:struct.calcsize(fmt)])[0]
+    return (dims[257], dims[256]) if len(dims) == 2 else None
+
+
+def _jpeg_shape(fh: BinaryIO) -> tuple[int, int] | None:
+    # Walk the marker segments up to the first SOFn frame header (C0..CF but DHT C4, JPG C8, DAC CC).
+    fh.seek(2)
+    while True:
+        marker = fh.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        code = marker[1]
+        if code == 0xFF:  # fill byte
+            fh.seek(-1, 1)
+            continue
+        if code in (0x01, *range(0xD0, 0xD9)):  # markers without a length
+            continue
+        if code == 0xDA:  # start of scan before any frame header
+            return None
+        length = struct.unpack(">H", fh.read(2))[0]
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">xHH", fh.read(5))
+            return h, w
+        fh.seek(length - 2, 1)
+
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8", "jpeg"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
+          (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"), (b"BM", "bmp"), (b"\x93NUMPY", "npy"))
+
+
+def _header(fh: BinaryIO) -> tuple[str, tuple[int, int] | None]:
+    """(format, (H, W)) from the first bytes of an open image file; format "" when not recognised,
+    (H, W) None when the header is cut short or damaged (the decoder then names the problem)."""
+    head = fh.read(32)
+    fmt = next((name for magic, name in _MAGIC if head.startswith(magic)), "")
+    try:
+        if fmt == "png":
+            w, h = struct.unpack(">II", head[16:24])  # IHDR is always the first chunk
+            return fmt, (h, w)
+        if fmt == "jpeg":
+            return fmt, _jpeg_shape(fh)
+        if fmt == "tiff":
+            return fmt, _tiff_shape(fh, head)
+        if fmt == "bmp":
+            if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                w, h = struct.unpack("<HH", head[18:22])
+            else:
+                w, h = struct.unpack("<ii", head[18:26])  # height < 0: rows stored top-down
+            return fmt, (abs(h), abs(w))
+        if fmt == "npy":
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)
+            shape = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0(fh))[0]
+            return fmt, (int(shape[0]), int(shape[1])) if len(shape) >= 2 else None
+    except (struct.error, ValueError, OSError):
+        pass
+    return fmt, None
+
+
+def image_shape(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of an image file read from its header only (nothing is decoded); None if unknown.
+
+    Knows PNG, JPEG, TIFF (first page), BMP and .npy; cheap enough to run on every file of an index.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return _header(fh)[1]
+    except OSError:
+        return None
+
+
+def _check_header(path: Path, limit: int) -> None:
+    try:
+        with open(path, "rb") as fh:
+            fmt, shape = _header(fh)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    if not fmt:
+        if path.stat().st_size == 0:
+            return  # `_decode` says "the file is empty"
+        raise DataError(f"cannot read image {path}: the content is not a PNG, TIFF, JPEG, BMP or .npy file")
+    if shape is not None and limit and shape[0] * shape[1] > limit:
+        h, w = shape
+        raise DataError(
+            f"image {path} is {h}x{w} pixels (H x W, {h * w / 1e6:.1f} megapixels), above the limit of "
+            f"{limit} pixels that guards against decompression bombs; if the image is genuine, raise the "
+            f"limit with the environment variable {MAX_PIXELS_ENV}={h * w} (0 disables the check)"
+        )
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -153,15 +289,17 @@ def _fix_dtype(img: np.ndarray, path: Path) -> np.ndarray:
     raise DataError(f"image {path} has unsupported dtype {img.dtype}")
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read one image as a 2-D grey array (H x W, uint8 / uint16 kept, floats as float32).
 
     Raises `DataError` naming `path` if the file is missing, empty, truncated, not an image,
-    a multi-page/3-D stack, or has an unsupported dtype.
+    a multi-page/3-D stack, has an unsupported dtype, or has more than `max_pixels` pixels by its
+    header (None: `pixel_limit()`, i.e. ``MIRAGE_EDGE_MAX_PIXELS`` or 100 M; 0: no limit).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"image not found: {p}")
+    _check_header(p, pixel_limit() if max_pixels is None else max_pixels)
     img = _decode(p)
     img = _to_grey(np.asarray(img), p)
     return _fix_dtype(img, p)
@@ -189,4 +327,5 @@ def write_png(path: str | Path, array: np.ndarray, compression: int = 3) -> Path
     return p
 
 
-__all__ = ["IMAGE_SUFFIXES", "is_image_file", "read_image", "write_png", "encode_png"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS_ENV", "DEFAULT_MAX_PIXELS", "is_image_file", "image_shape",
+           "pixel_limit", "read_image", "write_png", "encode_png"]

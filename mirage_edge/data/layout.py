@@ -14,7 +14,10 @@ Layouts (the MIRAGE benchmark's, DESIGN.md §3; "RetinaBench" is our name for th
 
 Sample ids are file stems; a stem ``<scan>_<slice>`` belongs to volume ``<scan>`` (the text before
 the last underscore; a stem without one is its own volume), as MIRAGE's `run_seg_eval.py` groups
-B-scans. Pixel-level validation lives in `mirage_edge.data.check`.
+B-scans. Two files of one folder with the same stem (``x.png`` beside ``x.tif``) are refused: a
+B-scan finds its mask by stem. Indexing reads no pixels, only the image headers of B-scans and masks
+(`io.image_shape`) to pair equal sizes; mask values are checked when a mask is loaded
+(`SegInfo.class_map`), the rest of the pixel-level validation lives in `mirage_edge.data.check`.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from mirage_edge.data.io import is_image_file
+from mirage_edge.data.io import image_shape, is_image_file
 from mirage_edge.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -104,6 +107,23 @@ class SegInfo:
         for c in self.classes:
             lut[c.value] = c.index
         return lut
+
+    def class_map(self, raw: np.ndarray, source: str | Path = "mask") -> np.ndarray:
+        """Mask pixel values (H x W integers, as `read_image` returns them) -> class indices (H x W int64).
+
+        Raises `DataError` naming `source` (the mask file) for a non-integer mask or pixel values
+        that INFO.json does not list, instead of mapping them to a wrong or ignored class.
+        """
+        if not np.issubdtype(raw.dtype, np.integer):
+            raise DataError(f"mask {source} has dtype {raw.dtype}; masks hold integer class values")
+        lut = self.lut()
+        values = np.unique(raw)
+        bad = [int(v) for v in values if not 0 <= v < len(lut) or lut[v] < 0]
+        if bad:
+            listed = f"{bad[:10]}" + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise DataError(f"mask {source} has pixel values {listed} that are not in "
+                            f"{self.path or 'INFO.json'} (allowed: {self.values})")
+        return lut[raw]
 
     def to_json(self) -> str:
         return json.dumps({str(c.index): {"value": c.value, "label": c.label} for c in self.classes}, indent=4)
@@ -209,8 +229,19 @@ class DatasetIndex:
 
 
 def _images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files of `folder`, sorted; `DataError` if two in one folder share a stem (x.png, x.tif):
+    masks, paired modalities and sample ids are matched by stem, so either pairing would be a guess."""
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and is_image_file(p))
+    files = sorted(p for p in it if p.is_file() and is_image_file(p))
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for p in files:
+        groups.setdefault((p.parent, p.stem), []).append(p)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    if clashes:
+        listed = "; ".join(" + ".join(str(p.relative_to(folder)) for p in g) for g in clashes[:10])
+        raise DataError(f"ambiguous file names in {folder}: {listed} share a file stem (images, masks and "
+                        "sample ids are matched by stem); keep one file per stem")
+    return files
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -311,6 +342,17 @@ def _scan_modal(root: Path, task: str, skip_bad: bool = False) -> DatasetIndex:
                     problems.append((str(p), f"B-scan without a {kind} (no {p.stem}.* in {base / m}/)"))
             for stem in sorted(set(files) - stems):
                 problems.append((str(files[stem]), f"{kind} without a B-scan (no {stem}.* in {img_dir}/)"))
+        # B-scans of different sizes are fine (preprocessing resizes each one, its mask alike), but a
+        # mask must match its own B-scan pixel for pixel. Headers only: no decoding at index time.
+        for p in images:
+            mask = by_mod.get(MASK_DIR, {}).get(p.stem)
+            if mask is None or p.stem in bad:
+                continue
+            ishape, mshape = image_shape(p), image_shape(mask)
+            if ishape and mshape and ishape != mshape:
+                bad.add(p.stem)
+                problems.append((str(mask), f"size mismatch: mask {mask} is {mshape[0]}x{mshape[1]} but image "
+                                            f"{p} is {ishape[0]}x{ishape[1]} (H x W)"))
         images = [p for p in images if p.stem not in bad]
         modalities.update(present)
         splits[split] = [
@@ -347,6 +389,15 @@ def _scan_classification(root: Path) -> DatasetIndex:
         class_dirs = _subdirs(base)
         if not class_dirs:
             raise DataError(f"empty split: {base} has no class folders (expected {base}/<Class>/*.png)")
+        names = {d.name for d in class_dirs}
+        paired = sorted(names & {MASK_DIR, *EXTRA_MODALITIES})
+        if IMAGE_DIR in names and paired:  # bscan/ + semseg/ are modalities, not two classes
+            kind = "segmentation" if MASK_DIR in names else "multimodal"
+            folders = " + ".join(f"{d}/" for d in (IMAGE_DIR, *paired))
+            raise DataError(f"{root} is a {kind} set ({base} has {folders}), not a "
+                            f"classification set of <Class>/ folders; use it as a {kind} set (--task "
+                            f"{'seg' if kind == 'segmentation' else 'multimodal'}) or give a folder with one "
+                            "subfolder per class")
         per_split[split] = {}
         for d in class_dirs:
             imgs = _images(d)

@@ -75,7 +75,6 @@ class DistillSamples(Dataset):
         self.task = index.task
         has_labels = self.task in ("segmentation", "classification") or any(s.mask is not None for s in self.samples)
         self.labels = bool(labels) and has_labels
-        self.lut = index.info.lut() if index.info is not None else None
         self.views = int(views)
         self.augment = augment
         self.aug_seed = int(aug_seed)
@@ -132,7 +131,8 @@ class DistillSamples(Dataset):
     def _label(self, s: Sample) -> np.ndarray | int | None:
         if s.mask is not None:
             raw = read_image(s.mask)
-            mask = self.lut[np.clip(raw.astype(np.int64), 0, len(self.lut) - 1)] if self.lut is not None else raw
+            # values missing from INFO.json fail naming the mask, rather than becoming "ignore" (-1)
+            mask = self.index.info.class_map(raw, s.mask) if self.index.info is not None else raw
             return resize_mask(mask.astype(np.int64), self.spec.size)
         return s.label
 

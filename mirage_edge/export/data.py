@@ -102,11 +102,11 @@ def load_export_data(source: str | Path | None, specs: dict[str, PreprocessSpec]
         labels = np.array([s.label for s in val_s], dtype=np.int64)
     elif index.task == "segmentation" and task == "segmentation" and index.info is not None \
             and index.info.num_classes == n_classes:
-        lut = index.info.lut()
-        labels = np.stack([resize_mask(lut[np.asarray(read_image(s.mask)).astype(np.int64)], spec.size)
-                           for s in val_s if s.mask is not None])
-        if labels.min() < 0:  # pixel values missing from INFO.json: the data check tool reports these
-            notes.append(f"{root}: mask values not in INFO.json; labels not used (run `mirage-edge data check`)")
+        try:
+            labels = np.stack([resize_mask(index.info.class_map(read_image(s.mask), s.mask), spec.size)
+                               for s in val_s if s.mask is not None])
+        except DataError as exc:  # labels are optional here: validate without them, and say why
+            notes.append(f"{exc}; labels not used (run `mirage-edge data check {root}`)")
             labels = None
     elif index.task in ("classification", "segmentation"):
         notes.append(f"{root} labels not used: dataset task {index.task} / classes do not match the model")

@@ -27,7 +27,22 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
             raise InputError(f"image not found: {p}")
     if not files:
         raise InputError(f"no images found in {', '.join(paths)}")
-    return files
+    return list(dict.fromkeys(files))  # a file named twice (itself and its folder) is predicted once
+
+
+def check_unique_names(files: list[Path]) -> None:
+    """Refuse inputs whose outputs would overwrite each other: masks/ and overlays/ are named
+    `<stem>.png`, so a/x.png and b/x.png (or x.png beside x.tif) would share one. Raises `InputError`
+    listing every clash, before any inference."""
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(f)
+    clashes = [group for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        listed = "; ".join(f"{' + '.join(map(str, g))} -> masks/{g[0].stem}.png" for g in clashes[:10])
+        more = f" (and {len(clashes) - 10} more)" if len(clashes) > 10 else ""
+        raise InputError(f"{len(clashes)} output name clash(es), inputs that would overwrite each other's mask "
+                         f"and overlay: {listed}{more}; rename them or predict them into separate --out folders")
 
 
 def _overlay(image, mask, alpha: float = 0.45):
@@ -51,8 +66,10 @@ def write_predictions(predictor, files: list[Path], out: Path, batch_size: int =
     from mirage_edge.data.io import read_image, write_png
     from mirage_edge.data.preprocess import resize_mask
 
-    out.mkdir(parents=True, exist_ok=True)
     task, classes = predictor.task, predictor.classes
+    if task == "segmentation":
+        check_unique_names(files)
+    out.mkdir(parents=True, exist_ok=True)
     records = []
     feats = []
     for i in range(0, len(files), batch_size):
