@@ -230,4 +230,115 @@ def mask_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int | None = None, b
     return float(np.mean(scores)) if scores else 1.0
 
 
-__all__ = ["classification_metrics", "segmentation_metrics", "hd95", "mask_dice"]
+# --- uncertainty and paired comparisons ---------------------------------------------------------
+def scored_classes(classes: int | Sequence[str], ignore: Sequence[int] | None = (0,)) -> list[int]:
+    """Class indices `segmentation_metrics` scores (same rules: `ignore=None` drops background-like names)."""
+    names = [f"class {i}" for i in range(classes)] if isinstance(classes, int) else [str(c) for c in classes]
+    if ignore is None:
+        ignore = [i for i, n in enumerate(names)
+                  if not isinstance(classes, int) and _class_kind(n) in ("background", "invalid")]
+    return [c for c in range(len(names)) if c not in set(int(i) for i in ignore)]
+
+
+def _dice_counts(pred: np.ndarray, target: np.ndarray, scored: Sequence[int]) -> np.ndarray:
+    """pred, target N x H x W -> N x C x 3 (intersection, |pred|, |target|) per slice and scored class."""
+    out = np.empty((len(pred), len(scored), 3), dtype=np.float64)
+    for j, c in enumerate(scored):
+        p, t = pred == c, target == c
+        out[:, j, 0] = np.logical_and(p, t).reshape(len(p), -1).sum(1)
+        out[:, j, 1] = p.reshape(len(p), -1).sum(1)
+        out[:, j, 2] = t.reshape(len(t), -1).sum(1)
+    return out
+
+
+def _resample_weights(volume_ids: Sequence[str], n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """n_boot x N bootstrap counts, drawn within each volume (stratified: every volume keeps its size)."""
+    vols = np.asarray([str(v) for v in volume_ids])
+    w = np.zeros((n_boot, len(vols)))
+    for v in dict.fromkeys(vols):
+        idx = np.flatnonzero(vols == v)
+        w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
+    return w
+
+
+def _volume_dice(counts: np.ndarray, volume_ids: Sequence[str], w: np.ndarray) -> np.ndarray:
+    """Mean per-(volume, class) Dice for each weight row: counts N x C x 3, w R x N -> R."""
+    vols = np.asarray([str(v) for v in volume_ids])
+    rows = []
+    for v in dict.fromkeys(vols):
+        idx = np.flatnonzero(vols == v)
+        s = np.einsum("rn,ncx->rcx", w[:, idx], counts[idx])  # R x C x 3
+        rows.append(2 * s[..., 0] / (s[..., 1] + s[..., 2] + _EPS))
+    return np.concatenate(rows, axis=1).mean(1)
+
+
+def paired_bootstrap(task: str, pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray,
+                     volume_ids: Sequence[str] | None = None, classes: int | Sequence[str] = 2,
+                     ignore: Sequence[int] | None = (0,), n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, Any]:
+    """Headline metric of A and B and of A - B, with percentile bootstrap CIs (paired: one resample
+    of the test images scores both models).
+
+    task "segmentation": pred_a, pred_b, target N x H x W class maps; the metric is
+    `segmentation_metrics`' mean per-volume Dice (no HD95), B-scans resampled within their volume
+    (every resample keeps each volume's slice count). task "classification": pred_* N predicted
+    labels, target N labels; the metric is balanced accuracy over the classes present.
+
+    Returns {"a", "b", "diff": point estimates; "a_ci", "b_ci", "diff_ci": [lo, hi];
+    "n_boot", "level", "unit": "B-scan" | "image"}.
+    """
+    rng = np.random.default_rng(seed)
+    pred_a, pred_b, target = np.asarray(pred_a), np.asarray(pred_b), np.asarray(target)
+    if not (pred_a.shape == pred_b.shape == target.shape):
+        raise InputError(f"paired_bootstrap needs equal shapes, got {pred_a.shape}, {pred_b.shape}, {target.shape}")
+    n = len(target)
+    if task == "segmentation":
+        vols = list(volume_ids) if volume_ids is not None else ["0"] * n
+        scored = scored_classes(classes, ignore)
+        w = np.vstack([np.ones((1, n)), _resample_weights(vols, n_boot, rng)])
+        ca, cb = _dice_counts(pred_a, target, scored), _dice_counts(pred_b, target, scored)
+        va, vb = _volume_dice(ca, vols, w), _volume_dice(cb, vols, w)
+        unit = "B-scan"
+    elif task == "classification":
+        classes_present = np.unique(target)
+        w = np.vstack([np.ones((1, n)), rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)])
+
+        def bacc(pred: np.ndarray) -> np.ndarray:
+            recalls = []
+            for c in classes_present:
+                m = target == c
+                tot = w[:, m].sum(1)
+                recalls.append(np.where(tot > 0, (w[:, m] * (pred[m] == c)).sum(1) / np.maximum(tot, 1), np.nan))
+            return np.nanmean(np.stack(recalls, 1), axis=1)
+
+        va, vb = bacc(pred_a), bacc(pred_b)
+        unit = "image"
+    else:
+        raise InputError(f"paired_bootstrap: task must be segmentation or classification, got {task!r}")
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def ci(v: np.ndarray) -> list[float]:
+        return [float(x) for x in np.percentile(v[1:], q)]
+
+    d = va - vb
+    return {"a": float(va[0]), "b": float(vb[0]), "diff": float(d[0]), "a_ci": ci(va), "b_ci": ci(vb),
+            "diff_ci": ci(d), "n_boot": n_boot, "level": level, "unit": unit}
+
+
+def presence_auroc(probs: np.ndarray, target: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Per-B-scan presence AUROC for each class: score = the class's highest pixel probability in the
+    slice, positive = the class occurs in the slice's ground truth. probs N x K x H x W, target N x H x W.
+    A class present in every slice or in none gets no entry (AUROC undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for c in classes:
+        y = (target == c).reshape(len(target), -1).any(1)
+        if y.all() or not y.any():
+            continue
+        out[int(c)] = float(roc_auc_score(y, probs[:, c].reshape(len(probs), -1).max(1)))
+    return out
+
+
+__all__ = ["classification_metrics", "segmentation_metrics", "hd95", "mask_dice", "scored_classes",
+           "paired_bootstrap", "presence_auroc"]

@@ -172,10 +172,13 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
                                                ("report", "report.md"), ("plot", "pareto.png"))
                  if (bench_dir / f).is_file()}
     seconds = time.perf_counter() - t_all
+    kd = _kd_gain_line(distill_dir / "report.json")
     print("\n" + print_table(records) + "\n", flush=True)  # unwrapped: the table is wider than a terminal
     for line in headline_lines(records):
         if line:
             say(line.replace("**", ""))
+    if kd:
+        say(kd)
     for name, path in paths.items():
         say(f"{name}: {path}")
     say(f"demo finished in {seconds:.0f} s (" + ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in times.items()) + ")")
@@ -219,12 +222,29 @@ def _distill(data: Path, teacher: Path, out: Path, plan: DemoPlan, threads: int,
         'stage2.mode="new_head"', f"stage2.head={plan.student_head}", "qat.enabled=true",
         f"qat.epochs={plan.qat_epochs}", f"qat.batch_size={plan.distill_batch}", "qat.lr=5e-5", "qat.subset_size=32",
         f"run.threads={threads}", f"cache.dir={json.dumps(str(cache))}",
+        # the same student on the labels alone, FP32 only (the KD gain of the demo's student)
+        "baseline.enabled=true", "baseline.qat=false",
     ])  # the settings of distill/recipes/layers-tiny.toml (tuned for synthetic layers), at the demo's size
     distill(recipe, overwrite=True, log=say)
 
 
+def _kd_gain_line(report: Path) -> str:
+    """Teacher, distilled student and its labels-only twin on the test split, from distill's report."""
+    test = json.loads(report.read_text()).get("test", {}) if report.is_file() else {}
+    if "baseline_value" not in test:
+        return ""
+    lo, hi = test["kd_gain_ci95_points"]
+    line = (f"distillation (test {test['metric']}): teacher {test['teacher_value']:.4f}, distilled student "
+            f"{test['student_value']:.4f}, same student on labels alone {test['baseline_value']:.4f}: KD gain "
+            f"{test['kd_gain_points']:+.2f} pts (95% CI {lo:+.2f} .. {hi:+.2f})")
+    if "teacher_weaker_than_baseline" in test:
+        line += "\n" + test["teacher_weaker_than_baseline"]
+    return line
+
+
 def _qat_dir(distill_dir: Path) -> Path | None:
-    hits = sorted(p.parent for p in distill_dir.glob("*/qat.json"))
+    """The distilled student's QAT folder (not the labels-only twin's, baseline_int8/)."""
+    hits = sorted(p.parent for p in distill_dir.glob("*/qat.json") if not p.parent.name.startswith("baseline"))
     return hits[0] if hits else None
 
 

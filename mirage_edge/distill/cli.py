@@ -29,6 +29,9 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
 @click.option("--task", type=click.Choice(sorted(_TASKS)), default=None,
               help="seg | cls (task-aware stage 2 needs a fine-tuned teacher) | none (feature KD only).")
 @click.option("--qat/--no-qat", default=None, help="Quantization-aware INT8 training + Q/DQ ONNX export.")
+@click.option("--baseline/--no-baseline", default=None,
+              help="Also train the labels-only twin (same student, head, data, schedule and seed, no teacher) and "
+                   "report the KD gain = distilled - twin (baseline.enabled).")
 @click.option("--image-size", type=int, default=None, help="Square input size (multiple of 32).")
 @click.option("--out", "out_dir", default=None, help="Output folder (stage runs, student/, student_int8/, report.json).")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N | auto (default cpu).")
@@ -40,7 +43,8 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
 @click.argument("overrides", nargs=-1)
 def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | None, teacher_config: str | None,
                 student: str | None,
-                data_path: str | None, task: str | None, qat: bool | None, image_size: int | None,
+                data_path: str | None, task: str | None, qat: bool | None, baseline: bool | None,
+                image_size: int | None,
                 out_dir: str | None, device: str | None, resume: bool, overwrite: bool, as_json: bool,
                 print_config: bool, overrides: tuple[str, ...]) -> None:
     """Distill a MIRAGE teacher into an edge student (feature KD, task KD, optional QAT INT8).
@@ -62,6 +66,7 @@ def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | 
         "teacher.model": teacher, "teacher.random_weights": random_teacher or None,
         "teacher.config": teacher_config, "student.name": student,
         "data.path": data_path, "data.task": _TASKS[task] if task else None, "qat.enabled": qat,
+        "baseline.enabled": baseline,
         "data.image_size": image_size, "out": out_dir, "run.device": device,
     })
     if print_config:
@@ -84,6 +89,15 @@ def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | 
         if "int8_value" in test:
             line += f"  int8(ORT) {test['int8_value']:.4f} ({test['int8_minus_fp32_points']:+.2f} pts vs fp32)"
         click.echo(line)
+    if "baseline_value" in test:
+        lo, hi = test["kd_gain_ci95_points"]
+        line = (f"labels-only twin {test['baseline_value']:.4f}  KD gain {test['kd_gain_points']:+.2f} pts "
+                f"(95% CI {lo:+.2f} .. {hi:+.2f}, bootstrap over {test['ci_unit']}s)")
+        if "kd_gain_int8_points" in test:
+            line += f"  int8: twin {test['baseline_int8_value']:.4f}, KD gain {test['kd_gain_int8_points']:+.2f} pts"
+        click.echo(line)
+        if "teacher_weaker_than_baseline" in test:
+            click.echo("note: " + test["teacher_weaker_than_baseline"])
     if "feature_cosine" in test:
         click.echo(f"test feature cosine vs teacher: {test['feature_cosine']:.4f}")
     if as_json:

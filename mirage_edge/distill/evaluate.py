@@ -43,15 +43,55 @@ def task_metrics(task: str, logits: np.ndarray, labels: np.ndarray, ds: DistillS
 
     if task == "segmentation":
         pred = logits.argmax(1)
-        vols = [s.volume for s in ds.samples]
+        vols = volumes(ds)
         names = ds.index.classes
+        classes, ignore = seg_classes(ds, logits.shape[1])
         # MIRAGE scoring: background-like classes (by name) are not scored
-        m = metrics.segmentation_metrics(pred, labels, vols, names or logits.shape[1],
-                                         ignore=None if names else (0,), compute_hd95=hd95)
-    else:
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        m = metrics.classification_metrics(labels, e / e.sum(1, keepdims=True))
+        m = metrics.segmentation_metrics(pred, labels, vols, classes, ignore=ignore, compute_hd95=hd95)
+        out = {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating, np.integer))}
+        # per subject (= volume; Duke: 11 B-scans a subject): mean Dice over its scored classes
+        per: dict[str, list[float]] = {}
+        for r in m["per_volume"]:
+            per.setdefault(r["volume"], []).append(r["dice"])
+        out["per_volume_dice"] = {v: float(np.mean(d)) for v, d in per.items()}  # type: ignore[assignment]
+        # lesion-style classes absent from some B-scans: does the model find the B-scans that have them?
+        auc = metrics.presence_auroc(_softmax(logits), labels, metrics.scored_classes(classes, ignore))
+        if auc:
+            out["presence_auroc"] = float(np.mean(list(auc.values())))
+            out["presence_auroc_per_class"] = {(names[c] if names else str(c)): v  # type: ignore[assignment]
+                                               for c, v in auc.items()}
+        return out
+    m = metrics.classification_metrics(labels, _softmax(logits))
     return {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating, np.integer))}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def volumes(ds: DistillSamples) -> list[str]:
+    """Volume (subject) id of every sample, in order: the unit of per-volume Dice and of resampling."""
+    return [s.volume for s in ds.samples]
+
+
+def seg_classes(ds: DistillSamples, k: int) -> tuple[Any, Any]:
+    """(classes, ignore) for `mirage_edge.metrics`: names when the set has them (background-like
+    names are then not scored), else k classes with class 0 ignored."""
+    names = ds.index.classes
+    return (names, None) if names else (k, (0,))
+
+
+def compare(task: str, logits_a: np.ndarray, logits_b: np.ndarray, labels: np.ndarray, ds: DistillSamples,
+            n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of A's and B's headline metric on the same images (`metrics.paired_bootstrap`)."""
+    from mirage_edge import metrics
+
+    a, b = logits_a.argmax(1), logits_b.argmax(1)
+    if task == "segmentation":
+        classes, ignore = seg_classes(ds, logits_a.shape[1])
+        return metrics.paired_bootstrap(task, a, b, labels, volumes(ds), classes, ignore, n_boot=n_boot, seed=seed)
+    return metrics.paired_bootstrap(task, a, b, labels, n_boot=n_boot, seed=seed)
 
 
 def headline(task: str, m: dict[str, float]) -> tuple[str, float]:
@@ -88,4 +128,4 @@ def feature_cosine(ds: DistillSamples, student_tokens: Predict, teacher: Any, ba
     return total / max(n, 1)
 
 
-__all__ = ["collect", "task_metrics", "headline", "agreement", "feature_cosine", "batches"]
+__all__ = ["collect", "task_metrics", "compare", "volumes", "seg_classes", "headline", "agreement", "feature_cosine", "batches"]

@@ -23,7 +23,8 @@ SPLITS = ("train", "val", "test", "all")
 
 def heldout_report(run: str | Path, data: str | Path, split: str = "test", teacher: str | None = None,
                    threads: int = 1) -> dict[str, Any]:
-    """`test_report` of RUN's FP32 (and INT8, if any) student on `split` of `data` ("all": every image)."""
+    """`test_report` of RUN's FP32 (and INT8, if any) student, and its labels-only twin if the run has
+    one, on `split` of `data` ("all": every image)."""
     from mirage_edge.distill.data import DistillSamples, open_index
     from mirage_edge.distill.loop import test_report
     from mirage_edge.distill.recipe import load_recipe
@@ -54,8 +55,10 @@ def heldout_report(run: str | Path, data: str | Path, split: str = "test", teach
     t = build_teacher(recipe, lambda m: None)
     samples = DistillSamples(index, None if split == "all" else split, d.preprocess_spec(), t.modalities)
     task = d.labelled_task(samples.task)
-    onnx = run / "student_int8" / "model.onnx"
-    rep = test_report(t, load_student(run / "student"), onnx if onnx.is_file() else None, samples, task, recipe)
+    onnx, twin_onnx = run / "student_int8" / "model.onnx", run / "baseline_int8" / "model.onnx"
+    twin = load_student(run / "baseline") if (run / "baseline" / "config.json").is_file() else None
+    rep = test_report(t, load_student(run / "student"), onnx if onnx.is_file() else None, samples, task, recipe,
+                      twin, twin_onnx if twin is not None and twin_onnx.is_file() else None)
     return {"run": str(run), "data": str(data), "split": split, "teacher": recipe.teacher.model, **rep}
 
 

@@ -22,14 +22,16 @@ unfinished stage continues from its latest checkpoint (the trainer's exact resum
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ from mirage_edge._log import progress
 from mirage_edge.distill import evaluate as ev
 from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
-from mirage_edge.distill.losses import feature_loss, task_kd_loss
+from mirage_edge.distill.losses import feature_loss, label_loss, task_kd_loss
 from mirage_edge.distill.recipe import DistillRecipe, Stage2Spec
 from mirage_edge.distill.stage import Log, run_stage
 from mirage_edge.distill.student_io import save_student
@@ -131,8 +133,10 @@ def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
 
 
 def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, DistillSamples | None,
-                                                                DistillSamples | None, DistillSamples]:
-    """train, val, test of data.path and the stage-1 set (train, or stage1.data's images)."""
+                                                                DistillSamples | None, DistillSamples,
+                                                                DistillSamples]:
+    """train (+ stage2.data's images), val, test of data.path, the stage-1 set (train, or
+    stage1.data's images) and the labelled training images alone (the labels-only twin's)."""
     d = recipe.data
     if not d.path:
         raise ConfigError("data.path is empty: give --data DIR (a RetinaBench folder or an image folder)")
@@ -158,11 +162,10 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
         return DistillSamples(index, name, spec, teacher.modalities) if name in splits else None
 
     train_split = d.train_split if d.train_split in splits else None
-    train = samples(index, train_split)
-    train1 = train_of(recipe.stage1.data, d.limit) if recipe.stage1.data else train
-    if recipe.stage2.data:
-        train = train.with_unlabelled(train_of(recipe.stage2.data))
-    return train, split(d.val_split), split(d.test_split), train1
+    labelled = samples(index, train_split)
+    train1 = train_of(recipe.stage1.data, d.limit) if recipe.stage1.data else labelled
+    train = labelled.with_unlabelled(train_of(recipe.stage2.data)) if recipe.stage2.data else labelled
+    return train, split(d.val_split), split(d.test_split), train1, labelled
 
 
 def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False,
@@ -175,7 +178,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     t_start = time.perf_counter()
     # resolve teacher and data first: a bad --teacher / --data must not leave an output folder behind
     teacher = build_teacher(recipe, log)
-    train, val, test, train1 = _datasets(recipe, teacher)
+    train, val, test, train1, labelled = _datasets(recipe, teacher)
     out = _prepare_out(recipe, resume, overwrite)
     task = recipe.data.labelled_task(train.task)
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
@@ -187,6 +190,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
     from mirage_edge.models.students import build_student
 
+    init_rng = torch.get_rng_state()  # the labels-only twin starts from the same backbone weights
     student = build_student(recipe.student.name, img_size=recipe.data.image_size,
                             input_scale=recipe.student.input_scale)
     layer_map = {int(k): int(v) for k, v in recipe.student.layer_map.items()}
@@ -242,21 +246,14 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
                 parts["feat"] = float(fl.detach())
             return loss, parts
 
-        def eval2(model: nn.Module) -> dict[str, float]:
-            if val is None:
-                return {}
-            logits, labels = ev.collect(val, unwrap(model), recipe.run.eval_batch_size)
-            return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val, hd95=False))[1]}
-
-        summary = run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log, eval2,
-                            "val_metric" if val is not None else None)
+        summary = run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log,
+                            _val_metric(val, task, recipe), "val_metric" if val is not None else None)
         train.cache = None
         report["stages"]["stage2"] = {**summary, "cache": stats}
     elif s2.epochs > 0 and task and not teacher.task:
         log("stage 2 skipped: the teacher is an encoder without a fine-tuned head")
 
-    if recipe.student.reparameterize and student.cfg.timm_name.startswith(("mobileone", "repvit", "fastvit")):
-        student.reparameterize()  # deploy form for evaluation, QAT and export
+    _deploy_form(student, recipe)
     final.eval()
     meta = {"classes": train.index.classes, "preprocess": cfgmod.to_dict(train.spec), "teacher": teacher.describe(),
             "recipe": recipe.to_dict()}
@@ -271,9 +268,18 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
         int8_dir, onnx_path, qinfo = run_qat(final, train, task, recipe, out, resume, meta, log)
         report["stages"]["qat"] = qinfo
 
+    # ---------------------------------------------------------------- labels-only twin
+    twin = twin_onnx = None
+    if recipe.baseline.enabled:
+        if teacher.task and task:
+            twin, twin_onnx, report["stages"]["baseline"] = _train_twin(
+                _twin_model(teacher, recipe, layer_map, init_rng), labelled, val, task, recipe, out, resume, meta, log)
+        else:
+            log("baseline skipped: the labels-only twin needs labels and a fine-tuned teacher's head type")
+
     # ---------------------------------------------------------------- test report
     if test is not None:
-        report["test"] = test_report(teacher, final, onnx_path, test, task, recipe)
+        report["test"] = test_report(teacher, final, onnx_path, test, task, recipe, twin, twin_onnx)
     report["seconds"] = time.perf_counter() - t_start
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
     log(f"report: {out / 'report.json'}")
@@ -285,6 +291,77 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     return str(o)
+
+
+def _val_metric(val: DistillSamples | None, task: str, recipe: DistillRecipe) -> Callable | None:
+    """Validation for a task stage: the headline metric (Dice / BAcc) on the val split, if any."""
+    if val is None:
+        return None
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        logits, labels = ev.collect(val, unwrap(model), recipe.run.eval_batch_size)
+        return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val, hd95=False))[1]}
+
+    return evaluate
+
+
+def _deploy_form(student: nn.Module, recipe: DistillRecipe) -> None:
+    if recipe.student.reparameterize and student.cfg.timm_name.startswith(("mobileone", "repvit", "fastvit")):
+        student.reparameterize()  # deploy form for evaluation, QAT and export
+
+
+def _twin_model(teacher: Teacher, recipe: DistillRecipe, layer_map: dict[int, int],
+                rng_state: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """(task model, its backbone): the distilled student's architecture, untrained - the backbone and
+    projector from the RNG state the distilled student was built from (the same initial weights);
+    the head a fresh one of the teacher head's type and size (its config only, never its weights)."""
+    from mirage_edge.models.heads import build_head
+    from mirage_edge.models.students import build_student
+    from mirage_edge.models.task import TASK_CLASSES
+
+    torch.set_rng_state(rng_state)
+    student = build_student(recipe.student.name, img_size=recipe.data.image_size,
+                            input_scale=recipe.student.input_scale)
+    proj = ProjectedStudent(student, teacher.embed_dim, teacher.grid, teacher.num_global_tokens, layer_map,
+                            upsample=recipe.student.upsample)
+    if recipe.stage2.mode == "drop_in":
+        tm = teacher.model
+        return TASK_CLASSES[tm.task](proj, build_head(dict(tm.head.config))).train(), student
+    return _task_student(teacher, proj, student, recipe.stage2), student  # new_head: a fresh head already
+
+
+def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val: DistillSamples | None,
+                task: str, recipe: DistillRecipe, out: Path, resume: bool, meta: dict[str, Any],
+                log: Log) -> tuple[nn.Module, Path | None, dict[str, Any]]:
+    """Train the labels-only twin (recipe.baseline) on the labelled images; no teacher is passed in,
+    so none can be used. Saves `out/baseline` (FP32) and, with QAT, `out/baseline_int8`.
+    Returns (FP32 twin, its Q/DQ ONNX or None, stage summary)."""
+    twin, backbone = arch
+    b, s1, s2 = recipe.baseline, recipe.stage1, recipe.stage2
+    spec = dataclasses.replace(s2, epochs=b.epochs or (max(0, s1.epochs) + s2.epochs), lr=b.lr or s2.lr,
+                               max_steps=0 if b.epochs or not s2.max_steps else s1.max_steps + s2.max_steps)
+    short = "seg" if task == "segmentation" else "cls"
+    log(f"baseline: the labels-only twin of {recipe.student.name}, {spec.epochs} epochs at lr {spec.lr:g} "
+        f"on {len(labelled)} labelled images")
+
+    def loss_b(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return label_loss(unwrap(model)(batch["bscan"]), batch["label"], short, dice=s2.loss.dice)
+
+    summary = run_stage("baseline", twin, loss_b, labelled, spec, recipe, out, resume, log,
+                        _val_metric(val, task, recipe), "val_metric" if val is not None else None)
+    _deploy_form(backbone, recipe)
+    twin.eval()
+    bmeta = {**meta, "teacher": None, "labels_only": True}
+    save_student(twin, out / "baseline", bmeta)
+    log(f"baseline: FP32 twin saved to {out / 'baseline'}")
+    onnx_path = None
+    if recipe.qat.enabled and b.qat:
+        from mirage_edge.distill.qat_stage import run_qat
+
+        _, onnx_path, qinfo = run_qat(twin, labelled, task, recipe, out, resume, bmeta, log,
+                                      stage="baseline_qat", out_name="baseline_int8")
+        summary = {**summary, "qat": qinfo}
+    return twin, onnx_path, summary
 
 
 def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, s2: Stage2Spec) -> nn.Module:
@@ -306,8 +383,10 @@ def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, 
 
 
 def test_report(teacher: Teacher, fp32: nn.Module, onnx_path: Path | None, test: DistillSamples,
-                task: str | None, recipe: DistillRecipe) -> dict[str, Any]:
-    """Teacher / FP32 / INT8-ORT metrics on the test split, retention and agreement."""
+                task: str | None, recipe: DistillRecipe, twin: nn.Module | None = None,
+                twin_onnx: Path | None = None) -> dict[str, Any]:
+    """Teacher / FP32 / INT8-ORT metrics on the test split, retention and agreement; with the
+    labels-only twin, its metrics and the KD gain (distilled - twin, bootstrap 95% CI)."""
     bs = recipe.run.eval_batch_size
     rep: dict[str, Any] = {"n": len(test)}
     enc = getattr(fp32, "encoder", fp32)
@@ -328,18 +407,42 @@ def test_report(teacher: Teacher, fp32: nn.Module, onnx_path: Path | None, test:
     mt, ms = ev.task_metrics(task, t_logits, labels, test), ev.task_metrics(task, s_logits, labels, test)
     key, tv = ev.headline(task, mt)
     sv = ms[key]
+    ci = ev.compare(task, s_logits, t_logits, labels, test, seed=recipe.run.seed)
     rep.update(metric=key, teacher=mt, student_fp32=ms, teacher_value=tv, student_value=sv,
-               retention=sv / tv if tv else float("nan"), agreement_fp32=ev.agreement(task, s_logits, t_logits))
+               retention=sv / tv if tv else float("nan"), agreement_fp32=ev.agreement(task, s_logits, t_logits),
+               student_ci95=ci["a_ci"], teacher_ci95=ci["b_ci"], ci_unit=ci["unit"])
+    q_logits = None
     if onnx_path is not None:
-        from mirage_edge.distill.qat import ort_predict, ort_session
-
-        sess = ort_session(onnx_path, recipe.run.threads)
-        q_logits, _ = ev.collect(test, lambda x: next(ort_predict(sess, [x])), bs)
+        q_logits = _ort_logits(onnx_path, test, recipe)
         mq = ev.task_metrics(task, q_logits, labels, test)
         rep.update(student_int8_ort=mq, int8_value=mq[key], int8_minus_fp32_points=100.0 * (mq[key] - sv),
                    agreement_int8=ev.agreement(task, q_logits, t_logits),
                    int8_vs_fp32_agreement=ev.agreement(task, q_logits, s_logits))
+    if twin is not None:
+        b_logits, _ = ev.collect(test, twin, bs)
+        mb = ev.task_metrics(task, b_logits, labels, test)
+        gain = ev.compare(task, s_logits, b_logits, labels, test, seed=recipe.run.seed)
+        rep.update(baseline_fp32=mb, baseline_value=mb[key], baseline_ci95=gain["b_ci"],
+                   kd_gain_points=100.0 * (sv - mb[key]), kd_gain_ci95_points=[100.0 * v for v in gain["diff_ci"]])
+        if twin_onnx is not None and q_logits is not None:
+            bq_logits = _ort_logits(twin_onnx, test, recipe)
+            mbq = ev.task_metrics(task, bq_logits, labels, test)
+            gq = ev.compare(task, q_logits, bq_logits, labels, test, seed=recipe.run.seed)
+            rep.update(baseline_int8_ort=mbq, baseline_int8_value=mbq[key],
+                       kd_gain_int8_points=100.0 * (mq[key] - mbq[key]),
+                       kd_gain_int8_ci95_points=[100.0 * v for v in gq["diff_ci"]])
+        if mb[key] > tv:
+            rep["teacher_weaker_than_baseline"] = (
+                f"the teacher ({key} {tv:.4f}) is weaker than the same student trained on labels alone "
+                f"({mb[key]:.4f}): retention of the teacher is no evidence of a good student here")
     return rep
+
+
+def _ort_logits(onnx_path: Path, test: DistillSamples, recipe: DistillRecipe) -> np.ndarray:
+    from mirage_edge.distill.qat import ort_predict, ort_session
+
+    sess = ort_session(onnx_path, recipe.run.threads)
+    return ev.collect(test, lambda x: next(ort_predict(sess, [x])), recipe.run.eval_batch_size)[0]
 
 
 __all__ = ["distill", "DistillResult", "fill_cache", "attach_cache", "test_report", "cache_root"]

@@ -79,15 +79,27 @@ def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     labelled = (labels.reshape(labels.shape[0], -1) >= 0).any(dim=1)  # B
     if not bool(labelled.any()):
         return kd, parts
-    ce = F.cross_entropy(student_logits.float(), labels.long(), ignore_index=-1)
-    parts["ce"] = float(ce.detach())
-    total = cfg.alpha * kd + (1.0 - cfg.alpha) * ce
-    if task == "seg" and cfg.dice:
-        gd = generalized_dice_loss(student_logits[labelled], labels[labelled], ignore_index=-1)
+    total, lparts = label_loss(student_logits, labels, task, ce_weight=1.0 - cfg.alpha, dice=cfg.dice,
+                               start=cfg.alpha * kd)
+    return total, {**parts, **lparts}
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, ce_weight: float = 1.0,
+               dice: float = 0.0, start: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """start + ce_weight * CE [+ dice * generalized Dice for "seg"]; label -1 = no label.
+
+    logits B x K (x H x W), labels B (x H x W). With start = 0, the whole loss of the labels-only
+    twin; stage 2 passes its KD term as `start` (kept first: the float sum order of earlier runs)."""
+    labelled = (labels.reshape(labels.shape[0], -1) >= 0).any(dim=1)  # B
+    ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=-1)
+    parts = {"ce": float(ce.detach())}
+    total = start + ce_weight * ce
+    if task == "seg" and dice and bool(labelled.any()):
+        gd = generalized_dice_loss(logits[labelled], labels[labelled], ignore_index=-1)
         parts["gdice"] = float(gd.detach())
-        total = total + cfg.dice * gd
+        total = total + dice * gd
     return total, parts
 
 
 __all__ = ["FeatureLossConfig", "TaskLossConfig", "feature_loss", "normalize_tokens", "token_cosine", "kd_kl",
-           "generalized_dice_loss", "task_kd_loss"]
+           "generalized_dice_loss", "task_kd_loss", "label_loss"]

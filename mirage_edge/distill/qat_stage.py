@@ -28,15 +28,17 @@ from mirage_edge.train.checkpoint import unwrap
 
 
 def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: DistillRecipe, out: Path,
-            resume: bool, meta: dict[str, Any], log: Callable[[str], None]) -> tuple[Path, Path, dict[str, Any]]:
-    """Prepare, train, save and export the INT8 student. Returns (checkpoint dir, onnx path, info)."""
+            resume: bool, meta: dict[str, Any], log: Callable[[str], None], stage: str = "qat",
+            out_name: str = "student_int8") -> tuple[Path, Path, dict[str, Any]]:
+    """Prepare, train, save and export the INT8 student (stage run folder `out/stage`, checkpoint
+    `out/out_name`). Returns (checkpoint dir, onnx path, info)."""
     spec = recipe.qat
     is_task = hasattr(fp32, "head") and task is not None
     kd_teacher = copy.deepcopy(fp32).eval().requires_grad_(False)
     n_batches = max(1, math.ceil(spec.subset_size / spec.batch_size))
     calib = [b["bscan"] for _, b in zip(range(n_batches), ev.batches(train, spec.batch_size))]
     qmodel, info = prepare_qat(copy.deepcopy(fp32), calib, spec)
-    log(f"qat: {info['num_quantizers']} NNCF quantizers (model_type {spec.model_type}, "
+    log(f"{stage}: {info['num_quantizers']} NNCF quantizers (model_type {spec.model_type}, "
         f"float ops {spec.ignored_types or 'none'})")
     short = "seg" if task == "segmentation" else "cls"
     tcfg = TaskLossConfig(alpha=spec.alpha, temperature=spec.temperature, dice=spec.dice)
@@ -52,10 +54,10 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
             return task_kd_loss(pred, ref, batch.get("label"), short, tcfg)
         return feature_loss(pred, ref, recipe.stage1.loss)
 
-    summary = run_stage("qat", qmodel, loss_q, train, spec, recipe, out, resume, log,
+    summary = run_stage(stage, qmodel, loss_q, train, spec, recipe, out, resume, log,
                         recalibrate_bn=not spec.eval_mode)
     qmodel = unwrap(qmodel).eval()
-    qdir = out / "student_int8"
+    qdir = out / out_name
     size = recipe.data.image_size
     example = torch.zeros(1, 1, size, size)
     onnx_path = qdir / "model.onnx"
@@ -75,7 +77,7 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
                                                                      "compute_ops_quantized")},
              "ort_parity": parity}
     save_qat_student(qmodel, fp32, qdir, qinfo, meta)
-    log(f"qat: INT8 student saved to {qdir}; Q/DQ ONNX {onnx_path} "
+    log(f"{stage}: INT8 student saved to {qdir}; Q/DQ ONNX {onnx_path} "
         f"({counts.get('QuantizeLinear')} QuantizeLinear), ORT vs torch max |diff| {parity['max_abs_diff']:.3g}")
     return qdir, onnx_path, {**summary, **{k: v for k, v in qinfo.items() if k != "nncf_config"}}
 

@@ -226,6 +226,28 @@ class QATSpec:
 
 
 @dataclass
+class BaselineSpec:
+    """The labels-only twin (`--baseline`): the distilled student's exact architecture (backbone,
+    projector, head type) trained from the same initial backbone weights (same seed), on the same
+    labelled images, views, augmentation, batch size and learning rate as stage 2, with the labels
+    alone (CE + the stage-2 Dice weight; no teacher, no cache); with `qat.enabled` also its INT8 form,
+    by the same QAT. The report's KD gain is distilled - twin.
+
+    epochs: 0 = stage1.epochs + stage2.epochs, so the twin gets as many passes over the training
+    images as the distilled student had in all (it would otherwise lose on training length alone).
+    lr: 0 = stage2.lr. qat: with qat.enabled, also the twin's INT8 form (the same QAT)."""
+
+    enabled: bool = False
+    epochs: int = 0
+    lr: float = 0.0
+    qat: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.lr < 0:
+            raise ValueError(f"baseline.epochs and baseline.lr must be >= 0, got {self.epochs}, {self.lr}")
+
+
+@dataclass
 class CacheSpec:
     """Teacher-output cache (fp16 memmap shards). dir "" = $MIRAGE_EDGE_HOME/cache/teacher."""
 
@@ -264,6 +286,7 @@ class DistillRecipe:
     stage1: Stage1Spec = field(default_factory=Stage1Spec)
     stage2: Stage2Spec = field(default_factory=Stage2Spec)
     qat: QATSpec = field(default_factory=QATSpec)
+    baseline: BaselineSpec = field(default_factory=BaselineSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     run: RunSpec = field(default_factory=RunSpec)
 
@@ -295,4 +318,4 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 
 __all__ = ["DistillRecipe", "TeacherSpec", "StudentSpec", "DataSpec", "Stage1Spec", "Stage2Spec", "QATSpec",
-           "CacheSpec", "RunSpec", "FeatureLossConfig", "TaskLossConfig", "load_recipe", "resolve_recipe_path", "RECIPES_DIR"]
+           "BaselineSpec", "CacheSpec", "RunSpec", "FeatureLossConfig", "TaskLossConfig", "load_recipe", "resolve_recipe_path", "RECIPES_DIR"]
