@@ -26,6 +26,9 @@ def test_fast_demo_end_to_end_and_resume(tmp_path):
     assert rows[("mirage-base", "torch", "fp32")].weights == "random"
     assert all(r.status == "ok" for r in res.records), [(r.model, r.error) for r in res.records if r.status != "ok"]
     assert all(f"[{i}/5]" in "\n".join(lines) for i in range(1, 6))
+    # the labels-only twin is benchmarked beside the distilled student, and the demo prints the KD gain
+    assert rows[("student-labels-only", "torch", "fp32")].dice is not None
+    assert any("KD gain" in line and "labels alone" in line for line in lines), lines
 
     again: list[str] = []
     res2 = run_demo(tmp_path / "demo", fast=True, log=again.append)

@@ -324,7 +324,7 @@ def _bench(out: Path, bench_dir: Path, plan: DemoPlan, threads: int, say: Callab
                  f"timing.isolate={'true' if plan.isolate else 'false'}"]
     if not plan.isolate:
         overrides.append("timing.min_warmup_s=0.0")
-    models = ["teacher", "student", "student-qat", *plan.references]
+    models = ["teacher", "student", "student-qat", "student-labels-only", *plan.references]
     return bench("synthetic", out_dir=bench_dir, overrides=overrides, models=models, progress=say)
 
 

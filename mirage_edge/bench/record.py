@@ -35,7 +35,7 @@ class BenchRecord:
     run_id: str = ""
     suite: str = ""
     model: str = ""                 # label from the suite, e.g. "teacher", "student", "mirage-base"
-    role: str = "candidate"         # teacher | student | reference | candidate
+    role: str = "candidate"         # teacher | student | reference | candidate | baseline (labels-only twin)
     source: str = ""                # checkpoint/artifact folder or registry name
     weights: str = "trained"        # trained | random (random-weight rows are latency-only)
     backend: str = ""               # torch | onnxruntime | openvino | tensorrt | callable

@@ -89,8 +89,10 @@ def headline(records: list[BenchRecord]) -> dict[str, Any]:
         int8 = [r for r in rows if r.role == "student" and r.precision == "int8"]
         keeping = [r for r in int8 if r.metric_retention is not None and r.metric_retention >= 0.97]
         student = _fastest(keeping) or _fastest(int8)
+        fp32 = [r for r in rows if r.role == "student" and r.backend == "torch" and r.primary_value is not None]
+        twins = [r for r in rows if r.role == "baseline" and r.backend == "torch" and r.primary_value is not None]
         out[task] = dict(batch=batch, threads=threads, size=size, teacher=teacher, teacher_exported=exported,
-                         references=refs, student=student, student_rule="kept >= 97% of the teacher metric"
+                         references=refs, student=student, students_fp32=fp32, baselines=twins, student_rule="kept >= 97% of the teacher metric"
                          if student is not None and student in keeping else "fastest INT8 student (none kept >= 97%)")
     return out
 
@@ -119,6 +121,15 @@ def headline_lines(records: list[BenchRecord]) -> list[str]:
                 lines.append(f"  - keeps **{100 * s.metric_retention:.1f}%** of the teacher's {s.primary_metric} "
                              f"({_f(s.primary_value, 4)} vs {_f(t.primary_value if t else None, 4)}); "
                              f"agreement with the teacher {_f(s.teacher_agreement, 4)}")
+        for b in h["baselines"]:
+            for st in h["students_fp32"]:
+                gain = 100 * (st.primary_value - b.primary_value)
+                lines.append(f"- KD gain of {st.label} (PyTorch FP32) over the same student trained on labels alone "
+                             f"({b.label}): **{gain:+.2f} points** of {b.primary_metric} ({_f(st.primary_value, 4)} vs "
+                             f"{_f(b.primary_value, 4)})")
+            if t and t.primary_value is not None and b.primary_value > t.primary_value:
+                lines.append(f"  - the teacher ({_f(t.primary_value, 4)}) is weaker than {b.label}: retention of the "
+                             "teacher is no evidence of a good student here")
         lines.append("")
     return lines
 

@@ -17,7 +17,7 @@ from typing import Literal
 from mirage_edge import config as _config
 from mirage_edge.errors import ConfigError
 
-Role = Literal["teacher", "student", "reference", "candidate"]
+Role = Literal["teacher", "student", "reference", "candidate", "baseline"]  # baseline: labels-only twin
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "callable")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
