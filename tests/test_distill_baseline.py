@@ -169,3 +169,34 @@ def test_presence_auroc():
     probs[:, 0] = 1 - probs[:, 1]
     assert metrics.presence_auroc(probs, target, [1]) == {1: 1.0}
     assert metrics.presence_auroc(probs, np.ones_like(target), [1]) == {}
+
+
+def test_kd_weight_chosen_on_validation(seg_setup):
+    """stage2.alpha_grid: one stage 2 per KD weight from the same stage-1 weights; the best val metric wins."""
+    from safetensors.torch import load_file
+
+    from mirage_edge.distill import distill
+    from mirage_edge.errors import ConfigError
+
+    root, data, teacher = seg_setup
+    rec = load_recipe("tiny-demo", [f"data.path={json.dumps(str(data))}", f"teacher.model={json.dumps(str(teacher))}",
+                                    f"cache.dir={json.dumps(str(root / 'cache'))}", "stage2.alpha_grid=[0.0, 0.9]",
+                                    f"out={json.dumps(str(root / 'run_grid'))}", *FAST])
+    res = distill(rec, log=lambda m: None)
+    s2 = res.report["stages"]["stage2"]
+    assert set(s2["alpha_search"]) == {"0", "0.9"}
+    best = max(s2["alpha_search"], key=lambda a: s2["alpha_search"][a])
+    assert f"{s2['alpha']:g}" == best or s2["alpha_search"]["0"] == s2["alpha_search"]["0.9"]
+    chosen = load_file(str(res.out_dir / f"stage2_alpha{s2['alpha']:g}" / "final.safetensors"))
+    from mirage_edge.models import create_model
+
+    saved = create_model("mirage", checkpoint=res.student_dir).state_dict()
+    key = next(k for k in chosen if k.endswith("weight") and "head" in k)
+    assert torch.equal(chosen[key], saved[key])
+    with pytest.raises(ValueError, match="alpha_grid"):
+        load_recipe("tiny-demo", ["stage2.alpha_grid=[0.5, 0.5]"])
+    no_val = load_recipe("tiny-demo", [f"data.path={json.dumps(str(data))}", f"teacher.model={json.dumps(str(teacher))}",
+                                       f"cache.dir={json.dumps(str(root / 'cache'))}", "stage2.alpha_grid=[0.0, 0.9]",
+                                       'data.val_split="nope"', f"out={json.dumps(str(root / 'run_noval'))}", *FAST])
+    with pytest.raises(ConfigError, match="val"):
+        distill(no_val, log=lambda m: None)

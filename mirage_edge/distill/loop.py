@@ -124,7 +124,8 @@ def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
         elif saved.is_file():
             old = cfgmod.read_file(saved)
             new = json.loads(json.dumps(recipe.to_dict()))
-            diff = sorted(k for k in set(old) | set(new) if k != "run" and old.get(k) != new.get(k))
+            # the twin (baseline) does not touch the distilled student: adding one to a finished run is a resume
+            diff = sorted(k for k in set(old) | set(new) if k not in ("run", "baseline") and old.get(k) != new.get(k))
             if diff:
                 raise CheckpointError(f"cannot resume {out}: recipe differs from the saved one in {diff}")
     out.mkdir(parents=True, exist_ok=True)
@@ -232,22 +233,29 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     if teacher.task and task and s2.epochs > 0:
         final = _task_student(teacher, proj, student, s2)
         stats = attach_cache(train, teacher, recipe, True, log) if recipe.cache.enabled else None
-        tcfg = s2.loss
         short = "seg" if task == "segmentation" else "cls"
 
-        def loss2(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-            tgt = _online_targets(teacher, batch, True)
-            m = unwrap(model)
-            logits = m(batch["bscan"])
-            loss, parts = task_kd_loss(logits, tgt["logits"], batch.get("label"), short, tcfg)
-            if tcfg.feature and isinstance(m.encoder, ProjectedStudent):
-                fl, _ = feature_loss(m.encoder.forward_features(batch["bscan"]), tgt["tokens"], s1.loss)
-                loss = loss + tcfg.feature * fl
-                parts["feat"] = float(fl.detach())
-            return loss, parts
+        def loss2_with(tcfg: Any) -> Callable:
+            def loss2(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+                tgt = _online_targets(teacher, batch, True)
+                m = unwrap(model)
+                logits = m(batch["bscan"])
+                loss, parts = task_kd_loss(logits, tgt["logits"], batch.get("label"), short, tcfg)
+                if tcfg.feature and isinstance(m.encoder, ProjectedStudent):
+                    fl, _ = feature_loss(m.encoder.forward_features(batch["bscan"]), tgt["tokens"], s1.loss)
+                    loss = loss + tcfg.feature * fl
+                    parts["feat"] = float(fl.detach())
+                return loss, parts
 
-        summary = run_stage("stage2", final, loss2, train, s2, recipe, out, resume, log,
-                            _val_metric(val, task, recipe), "val_metric" if val is not None else None)
+            return loss2
+
+        monitor = "val_metric" if val is not None else None
+        if len(s2.alpha_grid) > 1:
+            summary = _alpha_search(final, loss2_with, train, val, task, recipe, out, resume, log)
+        else:
+            tcfg = dataclasses.replace(s2.loss, alpha=s2.alpha_grid[0]) if s2.alpha_grid else s2.loss
+            summary = run_stage("stage2", final, loss2_with(tcfg), train, s2, recipe, out, resume, log,
+                                _val_metric(val, task, recipe), monitor)
         train.cache = None
         report["stages"]["stage2"] = {**summary, "cache": stats}
     elif s2.epochs > 0 and task and not teacher.task:
@@ -303,6 +311,32 @@ def _val_metric(val: DistillSamples | None, task: str, recipe: DistillRecipe) ->
         return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val, hd95=False))[1]}
 
     return evaluate
+
+
+def _alpha_search(model: nn.Module, loss_with: Callable, train: DistillSamples, val: DistillSamples | None,
+                  task: str, recipe: DistillRecipe, out: Path, resume: bool, log: Log) -> dict[str, Any]:
+    """Stage 2 once per KD weight of `stage2.alpha_grid` (folders stage2_alpha<a>), each from the same
+    starting weights and data order; `model` ends with the weights of the best validation metric."""
+    s2 = recipe.stage2
+    if val is None:
+        raise ConfigError("stage2.alpha_grid picks the KD weight on validation data, but the data has no "
+                          f"{recipe.data.val_split!r} split")
+    start = copy.deepcopy(model.state_dict())
+    tried: dict[str, Any] = {}
+    best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+    for a in s2.alpha_grid:
+        model.load_state_dict(start)
+        summary = run_stage(f"stage2_alpha{a:g}", model, loss_with(dataclasses.replace(s2.loss, alpha=a)), train,
+                            s2, recipe, out, resume, log, _val_metric(val, task, recipe), "val_metric")
+        tried[f"{a:g}"] = summary
+        log(f"stage2: alpha {a:g} -> best val {summary['best']:.4f}")
+        if best is None or summary["best"] > best[1]:
+            best = (a, summary["best"], copy.deepcopy(model.state_dict()))
+    assert best is not None
+    model.load_state_dict(best[2])
+    log(f"stage2: KD weight alpha {best[0]:g} chosen on validation ({best[1]:.4f})")
+    chosen = tried[f"{best[0]:g}"]
+    return {**chosen, "alpha": best[0], "alpha_search": {a: t["best"] for a, t in tried.items()}}
 
 
 def _deploy_form(student: nn.Module, recipe: DistillRecipe) -> None:

@@ -161,10 +161,16 @@ class Stage2Spec:
     added to data.path's train split for stage 2. The teacher's logits are their only target (the
     KD term; CE and Dice see the labelled images only): the teacher labels a transfer set larger
     than the labelled one.
+
+    alpha_grid: KD weights (`loss.alpha`) to try, each a full stage 2 from the same stage-1
+    weights with the same data order; the one with the best validation metric is kept (needs a val
+    split). Include 0 (the labels alone on the distilled initialisation) so that a teacher weaker
+    than the labels cannot make the student worse than that. Empty = `loss.alpha` only.
     """
 
     epochs: int = 5
     data: str = ""
+    alpha_grid: list[float] = field(default_factory=list)
     max_steps: int = 0
     batch_size: int = 8
     lr: float = 5e-4
@@ -178,6 +184,8 @@ class Stage2Spec:
     def __post_init__(self) -> None:
         if self.head and self.mode != "new_head":
             raise ValueError('stage2.head sets up a fresh head: it needs stage2.mode = "new_head"')
+        if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid) or len(set(self.alpha_grid)) != len(self.alpha_grid):
+            raise ValueError(f"stage2.alpha_grid must hold distinct values in [0, 1], got {self.alpha_grid}")
 
 
 @dataclass
