@@ -100,7 +100,8 @@ def resolve_distill_run(path: Path, precisions: list[str]) -> tuple[Path, str] |
               help="Image folder for INT8 calibration + validation (default: generated images).")
 @click.option("--calib-images", type=int, default=None, help="Number of calibration images.")
 @click.option("--task", type=click.Choice(["auto", "encoder", "classification", "segmentation"]), default=None)
-@click.option("--input-size", type=int, nargs=2, default=None, metavar="H W")
+@click.option("--input-size", type=int, nargs=2, default=None, metavar="H W",
+              help="Export at this size (H and W multiples of the model's patch/stride).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any target key, e.g. --set validation.n_inputs=16 --set batch.max=4.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
@@ -119,7 +120,7 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
         sets.append(f"formats={_split(formats)!r}".replace("'", '"'))
     if precisions:
         sets.append(f"precisions={_split(precisions)!r}".replace("'", '"'))
-    if calib_images:
+    if calib_images is not None:  # 0 is refused by the target's check, not taken as "not given"
         sets.append(f"quantization.calib_images={int(calib_images)}")
     if task:
         sets.append(f'task="{task}"')
@@ -131,7 +132,9 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
 
     from mirage_edge._log import quiet
     from mirage_edge.export.api import export_model
+    from mirage_edge.export.writer import check_out_dir
 
+    check_out_dir(out)  # a bad --out fails before the model loads, not after the export work
     console = Console(stderr=True)
     run = resolve_distill_run(Path(checkpoint), list(tgt.precisions))
     if run is not None:

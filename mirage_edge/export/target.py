@@ -76,6 +76,11 @@ class TensorRTConfig:
     builder_optimization_level: int = 3
     timing_cache: str = ""
 
+    def __post_init__(self) -> None:
+        if self.device < 0 or self.workspace_mb < 1 or not 0 <= self.builder_optimization_level <= 5:
+            raise ValueError(f"tensorrt needs device >= 0, workspace_mb >= 1 and builder_optimization_level "
+                             f"0..5, got {self.device}/{self.workspace_mb}/{self.builder_optimization_level}")
+
 
 @dataclass
 class ValidationConfig:
@@ -147,7 +152,9 @@ class ExportTarget:
         if not self.formats or not self.precisions:
             raise ValueError("formats and precisions must not be empty")
         if self.input_size and (len(self.input_size) != 2 or min(self.input_size) < 1):
-            raise ValueError(f"input_size must be [H, W], got {self.input_size}")
+            raise ValueError(f"input_size must be [H, W] with H, W >= 1, got {self.input_size}")
+        if self.seg_mask_stride < 1:
+            raise ValueError(f"seg_mask_stride must be >= 1, got {self.seg_mask_stride}")
         if self.opset < 17:
             raise ValueError(f"opset must be >= 17, got {self.opset}")
 

@@ -5,6 +5,7 @@ timm students (`forward_features(x)`), the task models (`forward(x) -> logits`) 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +152,40 @@ def _model_classes(model: nn.Module, n: int) -> list[str]:
     return [f"class_{i}" for i in range(n)]
 
 
+_ENCODER_PROTOCOL = ("embed_dim", "num_global_tokens", "token_grid", "forward_features")
+
+
+def model_task(model: nn.Module) -> str | None:
+    """The task `model` was built for: "classification" / "segmentation" (task models), "encoder"
+    (MIRAGE and students: the encoder protocol of models/task.py), None for other modules."""
+    own = getattr(model, "task", None)
+    if own in ("classification", "segmentation"):
+        return own
+    if all(hasattr(model, a) for a in _ENCODER_PROTOCOL):
+        return "encoder"
+    return None
+
+
+def model_label(model: nn.Module) -> str:
+    """How errors name `model`: the checkpoint it was loaded from, else its class."""
+    src = getattr(model, "mirage_edge_source", None)
+    return str(src["path"]) if isinstance(src, dict) and src.get("path") else type(model).__name__
+
+
+def size_multiple(model: nn.Module, modality: str) -> tuple[int, int]:
+    """(mh, mw) every export input size must be a multiple of: the patch / stride of the encoder
+    (and of a projected student's inner student). (1, 1) when the model declares none."""
+    enc = getattr(model, "encoder", model)
+    mh, mw = 1, 1
+    for m in (enc, getattr(enc, "student", None)):
+        cfg_patch = getattr(getattr(m, "cfg", None), "patch_size", None)
+        patch = cfg_patch.get(modality) if isinstance(cfg_patch, dict) else getattr(m, "patch_size", None)
+        hw = _as_hw(tuple(patch) if isinstance(patch, list) else patch)
+        if hw and min(hw) > 0:
+            mh, mw = math.lcm(mh, hw[0]), math.lcm(mw, hw[1])
+    return mh, mw
+
+
 def has_attention(model: nn.Module) -> bool:
     """True if the model has attention blocks (-> NNCF ModelType.TRANSFORMER)."""
     for mod in model.modules():
@@ -165,6 +200,13 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
     """Decide task, inputs and outputs for `model` under `target` (runs one tiny forward pass)."""
     model.eval()
     task = task or target.task
+    own = model_task(model)
+    # a task model's encoder alone (--task encoder) is a legitimate export: its tokens, no head
+    if own is not None and task not in ("auto", own) and not (task == "encoder" and own != "encoder"):
+        # a checkpoint that knows its task gets it; a different --task would mislabel the artifact
+        article = "an" if own == "encoder" else "a"
+        raise ConfigError(f"{model_label(model)} is {article} {own} model; --task {task} does not fit "
+                          f"(leave --task out or give --task {own})")
     modalities = list(target.modalities) or _model_modalities(model)
     cls_name = type(model).__name__
     uses_features = hasattr(model, "forward_features") and cls_name not in _TASK_CLASSES
@@ -178,6 +220,12 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
                 f"cannot tell the input size of {cls_name}; set input_size = [H, W] in the export target"
             )
         sizes[m] = (int(hw[0]), int(hw[1]))  # type: ignore[index]
+        mh, mw = size_multiple(model, m)
+        if sizes[m][0] % mh or sizes[m][1] % mw:
+            # timm pads non-multiples silently: the token grid would disagree with token_grid()
+            raise ConfigError(f"input size {sizes[m][0]}x{sizes[m][1]} is not a multiple of {mh}x{mw}, the "
+                              f"patch/stride of {model_label(model)}; use e.g. "
+                              f"{_round_to(sizes[m][0], mh)}x{_round_to(sizes[m][1], mw)}")
 
     if task == "encoder" and hasattr(model, "forward_features"):
         mode = "features"
@@ -190,8 +238,13 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
     probe = ExportWrapper(model, mode, modalities)
     with torch.no_grad():
         out = probe(*(torch.rand(1, 1, *sizes[m]) for m in modalities))
+    h, w = sizes[modalities[0]]
+    if task == "classification" and out.ndim != 2 or \
+            task == "segmentation" and (out.ndim != 4 or tuple(out.shape[-2:]) != (h, w)):
+        want = "B x K logits" if task == "classification" else f"B x K x {h} x {w} logits"
+        raise ConfigError(f"{model_label(model)} outputs {tuple(out.shape)} for a 1 x 1 x {h} x {w} input; "
+                          f"--task {task} needs {want}")
     if task == "auto":
-        h, w = sizes[modalities[0]]
         if out.ndim == 2:
             task = "classification"
         elif out.ndim == 4 and tuple(out.shape[-2:]) == (h, w):
@@ -218,6 +271,11 @@ def plan_export(model: nn.Module, target: ExportTarget, *, task: str | None = No
         output_dtype=mask if argmax else "float32",
         output_shape=out_shape, fake_quantized=fake_quant_kind(model), has_attention=has_attention(model),
     )
+
+
+def _round_to(n: int, m: int) -> int:
+    """The multiple of `m` nearest to `n` (at least `m`)."""
+    return max(m, round(n / m) * m)
 
 
 def _takes_dict(model: nn.Module, modalities: list[str], sizes: dict[str, tuple[int, int]]) -> bool:

@@ -250,8 +250,8 @@ def infer_mirage_config(sd: Mapping[str, torch.Tensor], args: Mapping[str, Any] 
 
 def hint_value_differs(hint: MirageConfig, name: str, value: Any, in_domains: list,
                        out_domains: list) -> bool:
-    if name.startswith("semseg") and LAYERMAP not in in_domains:
-        return False
+    if name.startswith("semseg") and (LAYERMAP not in in_domains or getattr(hint, name) is None):
+        return False  # null in the config: "no layer map declared", the checkpoint's shapes decide
     if name.startswith("decoder") and not out_domains:
         return False
     return getattr(hint, name) != value

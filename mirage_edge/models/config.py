@@ -53,9 +53,10 @@ class MirageConfig:
     patch_size: dict[str, list[int]] = field(default_factory=lambda: _default_sizes()[1])
     grid_size: dict[str, list[int]] | None = None  # derived; accepted (and checked) for tiny_config.json
     pos_grid: dict[str, list[int]] | None = None
-    semseg_num_classes: int = 13
-    semseg_dim_class_emb: int = 64
-    semseg_interpolate_class_emb: bool = False
+    # Official configs of models without the layer map carry these as null (or omit them).
+    semseg_num_classes: int | None = 13
+    semseg_dim_class_emb: int | None = 64
+    semseg_interpolate_class_emb: bool | None = False
     decoder_dim: int = 256
     decoder_depth: int = 2
     decoder_num_heads: int = 8
@@ -84,6 +85,11 @@ class MirageConfig:
         if self.out_domains and (self.decoder_dim % self.decoder_num_heads or self.decoder_dim % 4):
             raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by decoder_num_heads "
                              f"{self.decoder_num_heads} and by 4")
+        if LAYERMAP in self.in_domains + self.out_domains:
+            for name in ("semseg_num_classes", "semseg_dim_class_emb"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is null but {LAYERMAP!r} is one of the domains; give the "
+                                     "layer map's class count and class-embedding width")
         if self.semseg_interpolate_class_emb:
             raise ValueError("semseg_interpolate_class_emb=True is not used by any MIRAGE model")
         if self.out_domains and not (self.decoder_use_task_queries and self.decoder_use_xattn):

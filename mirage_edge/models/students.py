@@ -30,6 +30,7 @@ for tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -261,24 +262,34 @@ def student_from_config(cfg: Mapping[str, Any]) -> StudentEncoder:
     return StudentEncoder(from_dict(StudentConfig, dict(cfg), source="student config"))
 
 
+def square_input_size(what: str, input_size: int | Sequence[int]) -> int:
+    """The side of a square `input_size` (int or (H, W)); ConfigError naming `what` otherwise."""
+    from mirage_edge.models.config import as_pair
+
+    h, w = as_pair(input_size)
+    if h != w or h < 1:
+        raise ConfigError(f"{what} is built for square inputs; got input_size {h} x {w}")
+    return int(h)
+
+
 def is_student(name: str) -> bool:
     return ALIASES.get(name, name) in STUDENTS
 
 
 def _register(name: str, alias: str | None = None) -> None:
-    def builder(pretrained: bool = False, img_size: int = 512, input_size: int | Sequence[int] | None = None,
-                **kwargs: Any) -> StudentEncoder:
+    def builder(pretrained: bool = False, img_size: int | None = None,
+                input_size: int | Sequence[int] | None = None, **kwargs: Any) -> StudentEncoder:
         if pretrained:
             # students start from random weights: no download ever (offline, licence-clean)
             raise ConfigError(f"student {name!r} has no pretrained weights; distill it from a teacher")
         if input_size is not None:  # the teachers' keyword (export --input-size, bench registry rows)
-            from mirage_edge.models.config import as_pair
-
-            h, w = as_pair(input_size)
-            if h != w:
-                raise ConfigError(f"student {name!r} is built for square inputs; got input_size {h} x {w}")
-            img_size = int(h)
-        return build_student(name, img_size=img_size, **kwargs)
+            size = square_input_size(f"student {name!r}", input_size)
+            if img_size is not None and size != img_size and _is_vit(STUDENTS[name][0]):
+                # its learned positional table has one entry per token of img_size (a checkpoint's)
+                raise ConfigError(f"student {name!r} is a ViT with a fixed {img_size}x{img_size} input "
+                                  f"(learned positional table); it cannot run at {size}x{size}: drop --input-size")
+            img_size = size
+        return build_student(name, img_size=512 if img_size is None else img_size, **kwargs)
 
     builder.__doc__ = STUDENTS[name][2]
     register_model(builder, name=name)
@@ -294,14 +305,31 @@ for _name in STUDENTS:
 def projected_student(pretrained: bool = False, student: str = "student-tiny", img_size: int = 512,
                       reparameterized: bool = False, teacher_dim: int = 192, teacher_grid: Sequence[int] = (16, 16),
                       num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None,
-                      upsample: str = "bilinear", input_scale: int = 1) -> nn.Module:
+                      upsample: str = "bilinear", input_scale: int = 1,
+                      input_size: int | Sequence[int] | None = None) -> nn.Module:
     """A student + its learned projector into a teacher's token space (`mirage_edge.models.projector`):
     the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry.
-    `upsample` defaults to "bilinear" here because checkpoints written before it existed used it."""
+    `upsample` defaults to "bilinear" here because checkpoints written before it existed used it.
+    `input_size` (export --input-size) rebuilds it for another square size: the teacher grid scales
+    with it (a teacher with P px patches has size / P tokens), so every weight keeps its shape."""
     from mirage_edge.models.projector import ProjectedStudent
 
     if pretrained:
         raise ConfigError("projected-student has no pretrained weights; load a distilled checkpoint instead")
+    if input_size is not None:
+        size = square_input_size(f"distilled student ({student})", input_size)
+        if size != img_size and _is_vit(STUDENTS[ALIASES.get(student, student)][0]):
+            raise ConfigError(f"distilled student ({student}) is a ViT with a fixed {img_size}x{img_size} input "
+                              f"(learned positional table); it cannot run at {size}x{size}: drop --input-size")
+        gh, gw = (int(g) for g in teacher_grid)
+        # one teacher token is img_size / grid px; the student's stride-32 map is input_scale x finer
+        multiple = math.lcm(img_size // math.gcd(img_size, gh), img_size // math.gcd(img_size, gw),
+                            STRIDE // math.gcd(STRIDE, input_scale))
+        if size % multiple:
+            raise ConfigError(f"distilled student ({student}, built for {img_size}x{img_size}, teacher grid "
+                              f"{gh}x{gw}) needs an input size that is a multiple of {multiple}; got {size}")
+        teacher_grid = (size * gh // img_size, size * gw // img_size)
+        img_size = size
     enc = build_student(student, img_size=img_size, input_scale=input_scale, reparameterized=reparameterized)
     return ProjectedStudent(enc, teacher_dim, teacher_grid, num_global_tokens,
                             {int(k): int(v) for k, v in (layer_map or {}).items()}, upsample=upsample)
