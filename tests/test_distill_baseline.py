@@ -86,15 +86,15 @@ def test_twin_needs_no_teacher_sees_the_same_batches_and_gives_the_kd_gain(seg_s
     assert res.exit_code == 0, res.output
     assert "labels-only twin" in res.output and "KD gain" in res.output
 
-    assert {"stage1", "stage2", "baseline"} <= set(batches)
+    assert {"stage1", "stage2", "baseline_stage"} <= set(batches)
     # QAT of the twin runs too (with the twin's own FP32 model as its KD target)
     assert (out / "baseline_qat" / "DONE.json").is_file()
     # same images in the same order: the twin's first epoch is stage 2's epoch (same seed, batch size)
-    assert batches["baseline"][:len(batches["stage2"])] == batches["stage2"]
-    assert len(batches["baseline"]) == 2 * len(batches["stage2"])  # epochs = stage1 + stage2
+    assert batches["baseline_stage"][:len(batches["stage2"])] == batches["stage2"]
+    assert len(batches["baseline_stage"]) == 2 * len(batches["stage2"])  # epochs = stage1 + stage2
     # same initial backbone + projector weights as the distilled student
     for k, v in starts["stage1"].items():
-        assert torch.equal(v, starts["baseline"][k]), k
+        assert torch.equal(v, starts["baseline_stage"][k]), k
 
     report = json.loads((out / "report.json").read_text())
     test = report["test"]

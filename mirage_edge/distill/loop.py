@@ -381,7 +381,7 @@ def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val
     def loss_b(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         return label_loss(unwrap(model)(batch["bscan"]), batch["label"], short, dice=s2.loss.dice)
 
-    summary = run_stage("baseline", twin, loss_b, labelled, spec, recipe, out, resume, log,
+    summary = run_stage("baseline_stage", twin, loss_b, labelled, spec, recipe, out, resume, log,
                         _val_metric(val, task, recipe), "val_metric" if val is not None else None)
     _deploy_form(backbone, recipe)
     twin.eval()
