@@ -26,6 +26,7 @@ _EXTRAS = {
     "rich": ("rich", "toolkit"),
     "matplotlib": ("matplotlib", "toolkit"),
     "tifffile": ("tifffile", "toolkit"),
+    "huggingface_hub": ("huggingface_hub", "hub"),
     "onnxruntime": ("onnxruntime", "onnxruntime"),
     "openvino": ("openvino", "openvino"),
     "tensorrt": ("tensorrt", "tensorrt"),

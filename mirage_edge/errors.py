@@ -35,6 +35,10 @@ class WeightsNotFoundError(CheckpointError):
     """Official weights were not found locally and could not be downloaded."""
 
 
+class WeightsChecksumError(CheckpointError):
+    """A weights file does not match the SHA-256 known for it (altered, corrupt or not the official file)."""
+
+
 class InputError(MirageEdgeError, ValueError):
     """Bad model input: wrong modality, shape, dtype, channel count, NaN."""
 
@@ -59,6 +63,23 @@ class ValidationError(ExportError):
 
 class ArtifactError(MirageEdgeError):
     """An artifact folder is incomplete, corrupted or tampered with (SHA256SUMS mismatch)."""
+
+
+class OutputError(MirageEdgeError, OSError):
+    """An output path cannot be written: a file where a folder goes, read-only, permission, full disk,
+    or a non-empty folder that would mix two runs. The message names the path; `errno` and `filename`
+    are kept, and it is an `OSError` too, so code that handles write failures as OSError still does."""
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # type: ignore[assignment]
+        self.filename = filename
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..." once errno/filename are set
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self):  # keep errno and filename across processes (synth workers)
+        return (type(self), (str(self), self.errno, self.filename))
 
 
 class MissingDependencyError(MirageEdgeError, ImportError):

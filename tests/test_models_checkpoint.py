@@ -15,7 +15,7 @@ from mirage_edge import create_model
 from mirage_edge.errors import CheckpointError, WeightsNotFoundError
 from mirage_edge.models.checkpoint import (RawCheckpoint, model_from_raw, remap_hf, remap_official_pth,
                                            remap_official_seg)
-from mirage_edge.models.weights import download_file, resolve_weights
+from mirage_edge.models.weights import resolve_weights
 
 
 def listing(mirage_ref: Path, size: str, fmt: str) -> dict[str, list[int]]:
@@ -181,18 +181,3 @@ def test_weights_resolution(tmp_path, monkeypatch, mirage_ref):
     placed = tmp_path / "home" / "MIRAGE-Base.pth"
     placed.write_bytes(b"x")
     assert resolve_weights("mirage-base") == placed
-
-
-def test_download(tmp_path):
-    import hashlib
-
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"mirage" * 1000)
-    good = hashlib.sha256(src.read_bytes()).hexdigest()
-    dest = download_file(src.as_uri(), tmp_path / "cache" / "w.pth", sha256=good, progress=False)
-    assert dest.read_bytes() == src.read_bytes()
-    with pytest.raises(WeightsNotFoundError, match="checksum mismatch"):
-        download_file(src.as_uri(), tmp_path / "cache" / "bad.pth", sha256="0" * 64, progress=False)
-    assert not (tmp_path / "cache" / "bad.pth").exists()
-    with pytest.raises(WeightsNotFoundError, match="could not download"):
-        download_file("http://127.0.0.1:9/MIRAGE-Large.pth", tmp_path / "x.pth", timeout=2, progress=False)

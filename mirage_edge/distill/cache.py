@@ -16,15 +16,28 @@ and every shard must exist with the expected dtype/shape; otherwise the folder i
 rebuilt (the reason is reported in ``cache.status``). Writes: shards are flushed before
 ``index.json`` / ``manifest.json`` are replaced atomically, so a crash only loses uncommitted rows.
 
+Content checksums. Every committed (sample, view) row carries a checksum of its bytes in all
+outputs (``sums`` in the index), so a shard altered in place (same size, same header) is never
+served. Checking costs a read of the shard, so it is done when it can matter, not for the whole
+cache at every start: ``open`` re-hashes only the shards whose file status (size, mtime, ctime,
+inode: recorded in the manifest at each commit) changed or that a reader flagged, and drops the
+rows that fail, which the fill then recomputes; ``read`` hashes each shard once per process the
+first time it serves from it (this also catches changes that keep the file status, such as bit
+rot), refuses a failing row with a DataError, and flags the shard (``shard.<n>.altered``) so the
+next ``open`` recomputes it. An entry without a checksum (a cache of an older version) is recomputed.
+
 Concurrency: runs that share a cache (two students distilled at once) validate and fill it under
 an exclusive lock (``TeacherCache.locked``, POSIX ``flock`` on ``<digest[:16]>.lock``), re-reading
 the index inside it; rows, once committed, never move, so readers need no lock.
 
 Layout::
 
-    manifest.json            {"format", "version", "key", "digest", "shard_size", "outputs", "rows"}
-    index.json               {sample_id: {"row": r, "fp": fingerprint, "views": [done views]}}
+    manifest.json            {"format", "version", "key", "digest", "shard_size", "outputs", "rows",
+                              "shards": {file: [size, mtime_ns, ctime_ns, inode] when last checked/written}}
+    index.json               {sample_id: {"row": r, "fp": fingerprint, "views": [done views],
+                                          "sums": {view: checksum of the row in every output}}}
     <output>.<shard>.npy     fp16 array shard_size x *shape (np.lib.format, memory-mapped)
+    shard.<shard>.altered    a reader found a row of this shard that fails its checksum
 
 Row of (sample, view) = sample_row * views + view.
 """
@@ -41,6 +54,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mirage_edge._io import atomic_write_text
+from mirage_edge._log import progress
 from mirage_edge.errors import DataError
 
 FORMAT = "mirage-edge-teacher-cache"
@@ -94,6 +108,11 @@ class TeacherCache:
         self.status = "unopened"
         self._maps: dict[tuple[str, int], np.memmap] = {}
         self._dirty = False
+        self._stats: dict[str, list[int]] = {}  # shard file -> status when its rows were last checked/written
+        self._verified: set[int] = set()  # shards whose committed rows this process has checked
+        self._bad_rows: set[int] = set()  # rows that failed their checksum here: never served
+        self._flags_cleared: set[Path] = set()  # `.altered` flags handled by open(), removed at commit
+        self._by_shard: dict[int, list[tuple[str, int, int]]] | None = None  # shard -> (id, view, row)
 
     # -- open / validate -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -121,9 +140,12 @@ class TeacherCache:
     def open(self) -> "TeacherCache":
         """Validate an existing cache folder (rebuild it if stale or broken) or start a new one."""
         reason = self._problem() if self.dir.exists() else None
+        self._by_shard, self._verified, self._bad_rows = None, set(), set()
         if self.dir.exists() and reason is None:
             self.index = json.loads((self.dir / "index.json").read_text())
+            self._stats = dict(json.loads((self.dir / "manifest.json").read_text()).get("shards") or {})
             self.status = "reused"
+            self._recheck_changed_shards()
         else:
             if self.dir.exists():
                 shutil.rmtree(self.dir)
@@ -132,8 +154,86 @@ class TeacherCache:
                 self.status = "new"
             self.dir.mkdir(parents=True, exist_ok=True)
             self.index = {}
+            self._stats = {}
             self._write_meta()
         return self
+
+    # -- content checksums -------------------------------------------------------------------------
+    def _flag(self, shard: int) -> Path:
+        return self.dir / f"shard.{shard:05d}.altered"
+
+    def _shard_files(self, shard: int) -> list[Path]:
+        return [self._shard_path(name, shard) for name in sorted(self.key.outputs)]
+
+    @staticmethod
+    def _file_status(p: Path) -> list[int] | None:
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        # ctime cannot be set back by a user: any write, copy or restore of the file changes it
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def _record_status(self, shard: int) -> None:
+        for p in self._shard_files(shard):
+            status = self._file_status(p)
+            if status is not None:
+                self._stats[p.name] = status
+
+    def _row_sum(self, r: int) -> str:
+        """Checksum of row `r` as stored: its bytes in every output, in name order."""
+        h = hashlib.blake2b(digest_size=16)
+        shard, i = divmod(r, self.shard_size)
+        for name in sorted(self.key.outputs):
+            h.update(np.ascontiguousarray(self._map(name, shard, write=False)[i]).data)
+        return h.hexdigest()
+
+    def _rows_in(self, shard: int) -> list[tuple[str, int, int]]:
+        if self._by_shard is None:
+            by: dict[int, list[tuple[str, int, int]]] = {}
+            for sid, e in self.index.items():
+                for v in e["views"]:
+                    r = int(e["row"]) * self.key.views + int(v)
+                    by.setdefault(r // self.shard_size, []).append((sid, int(v), r))
+            self._by_shard = by
+        return self._by_shard.get(shard, [])
+
+    def _check_shard(self, shard: int) -> list[tuple[str, int, int]]:
+        """(sample id, view, row) of the committed rows of `shard` whose bytes fail their checksum."""
+        bad = []
+        for sid, v, r in self._rows_in(shard):
+            want = self.index[sid].get("sums", {}).get(str(v))
+            if want is not None and self._row_sum(r) != want:  # no checksum: never served (`has`)
+                bad.append((sid, v, r))
+        self._verified.add(shard)
+        return bad
+
+    def _recheck_changed_shards(self) -> None:
+        """Under the lock at open: re-hash shards whose file status changed or that a reader flagged;
+        rows that fail lose their entry (the fill recomputes them)."""
+        rows = max((e["row"] + 1 for e in self.index.values()), default=0) * self.key.views
+        dropped, altered = 0, []
+        for shard in range((rows + self.shard_size - 1) // self.shard_size):
+            flag = self._flag(shard)
+            if not flag.exists() and all(self._stats.get(p.name) == self._file_status(p)
+                                         for p in self._shard_files(shard)):
+                continue
+            bad = self._check_shard(shard)
+            for sid, v, _ in bad:
+                entry = self.index[sid]
+                entry["views"].remove(v)
+                entry.get("sums", {}).pop(str(v), None)
+            if bad:
+                dropped += len(bad)
+                altered.append(f"shard {shard}")
+                self._by_shard = None
+            if flag.exists():
+                self._flags_cleared.add(flag)
+            self._record_status(shard)  # checked: trusted until its files change again
+            self._dirty = True
+        if dropped:
+            self.status += (f"; {dropped} entries failed their content checksum ({', '.join(altered)} "
+                            "altered on disk): dropped and recomputed")
 
     def _problem(self) -> str | None:
         """Why the folder cannot be used as is, or None if it is consistent with this key."""
@@ -167,15 +267,24 @@ class TeacherCache:
         return None
 
     def _write_meta(self) -> None:
-        # shards first (flushed), then the index, then the manifest that vouches for both
-        for mm in self._maps.values():
+        # shards first (flushed, then their status noted), then the index, then the manifest that
+        # vouches for both
+        written = set()
+        for (_, shard), mm in self._maps.items():
             if mm.mode != "r":
                 mm.flush()
+                written.add(shard)
+        for shard in written:
+            self._record_status(shard)
         atomic_write_text(self.dir / "index.json", json.dumps(self.index))
         rows = (max((e["row"] + 1 for e in self.index.values()), default=0)) * self.key.views
         atomic_write_text(self.dir / "manifest.json", json.dumps({
             "format": FORMAT, "version": VERSION, "key": self.key.to_dict(), "digest": self.digest,
-            "shard_size": self.shard_size, "outputs": self.key.outputs, "rows": rows}, indent=1))
+            "shard_size": self.shard_size, "outputs": self.key.outputs, "rows": rows,
+            "shards": dict(sorted(self._stats.items()))}, indent=1))
+        for flag in self._flags_cleared:  # the dropped entries are published: the flag is handled
+            flag.unlink(missing_ok=True)
+        self._flags_cleared.clear()
         self._dirty = False
 
     # -- rows --------------------------------------------------------------------------------------
@@ -201,7 +310,8 @@ class TeacherCache:
     def missing(self, samples: Iterable[tuple[str, str]], views: Sequence[int] | None = None) -> list[tuple[str, int]]:
         """(sample id, view) pairs with no valid entry; `samples` are (sample id, fingerprint).
 
-        New ids get rows; an id whose fingerprint changed loses its stored views (recomputed).
+        New ids get rows; an id whose fingerprint changed loses its stored views (recomputed), and so
+        does a view without a content checksum.
         """
         views = list(range(self.key.views)) if views is None else list(views)
         out = []
@@ -209,13 +319,15 @@ class TeacherCache:
         for sid, fp in samples:
             entry = self.index.get(sid)
             if entry is None:
-                entry = self.index[sid] = {"row": next_row, "fp": fp, "views": []}
+                entry = self.index[sid] = {"row": next_row, "fp": fp, "views": [], "sums": {}}
                 next_row += 1
                 self._dirty = True
+                self._by_shard = None
             elif entry["fp"] != fp:
-                entry.update(fp=fp, views=[])  # content changed: never serve the old features
+                entry.update(fp=fp, views=[], sums={})  # content changed: never serve the old features
                 self._dirty = True
-            out.extend((sid, v) for v in views if v not in entry["views"])
+                self._by_shard = None
+            out.extend((sid, v) for v in views if not self.has(sid, v))
         return out
 
     def write(self, sample_id: str, view: int, outputs: Mapping[str, np.ndarray]) -> None:
@@ -228,9 +340,12 @@ class TeacherCache:
             if tuple(arr.shape) != tuple(self.key.outputs[name]):
                 raise ValueError(f"output {name!r} has shape {arr.shape}, cache expects {self.key.outputs[name]}")
             self._map(name, r // self.shard_size, write=True)[r % self.shard_size] = arr.astype(self.key.dtype)
-        views = self.index[sample_id]["views"]
-        if view not in views:
-            views.append(int(view))
+        entry = self.index[sample_id]
+        entry.setdefault("sums", {})[str(int(view))] = self._row_sum(r)  # of the bytes as stored
+        if view not in entry["views"]:
+            entry["views"].append(int(view))
+            self._by_shard = None
+        self._bad_rows.discard(r)
         self._dirty = True
 
     def commit(self) -> None:
@@ -239,14 +354,30 @@ class TeacherCache:
 
     def has(self, sample_id: str, view: int, fingerprint: str | None = None) -> bool:
         e = self.index.get(sample_id)
-        return e is not None and view in e["views"] and (fingerprint is None or e["fp"] == fingerprint)
+        return (e is not None and view in e["views"] and str(int(view)) in e.get("sums", {})
+                and (fingerprint is None or e["fp"] == fingerprint))
 
     def read(self, sample_id: str, view: int) -> dict[str, np.ndarray]:
-        """name -> float32 array for (sample, view); DataError if it was never computed."""
+        """name -> float32 array for (sample, view); DataError if it was never computed or its bytes
+        fail their checksum (the shard is checked the first time this process reads from it)."""
         if not self.has(sample_id, view):
             raise DataError(f"teacher cache {self.dir} has no entry for sample {sample_id!r} view {view}")
         r = self.row(sample_id, view)
-        return {n: np.asarray(self._map(n, r // self.shard_size, write=False)[r % self.shard_size], dtype=np.float32)
+        shard = r // self.shard_size
+        if shard not in self._verified:
+            bad = self._check_shard(shard)
+            if bad:
+                self._bad_rows.update(row for _, _, row in bad)
+                with contextlib.suppress(OSError):  # a read-only cache: the next reader finds it again
+                    self._flag(shard).touch()
+                progress(f"teacher cache {self.dir}: {len(bad)} entries of shard {shard} fail their content "
+                         "checksum (altered on disk); they are not served and the next run recomputes them")
+        if r in self._bad_rows:
+            raise DataError(f"teacher cache {self.dir}: the stored targets of sample {sample_id!r} view "
+                            f"{view} (shard {shard}) fail their content checksum: the shard was altered on "
+                            "disk. They were not used; run again (--resume continues) and they are "
+                            "recomputed")
+        return {n: np.asarray(self._map(n, shard, write=False)[r % self.shard_size], dtype=np.float32)
                 for n in self.key.outputs}
 
     def close(self) -> None:
@@ -256,6 +387,7 @@ class TeacherCache:
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open their own memmaps
         d = dict(self.__dict__)
         d["_maps"] = {}
+        d["_by_shard"] = None  # rebuilt on first use; checked shards stay checked
         return d
 
 

@@ -139,7 +139,10 @@ class Teacher:
         return shapes
 
     def describe(self) -> dict[str, Any]:
+        # weights_sha256: over the loaded tensors (the cache key); weights_file: the file(s) it came from,
+        # their SHA-256 and source (hub repo + commit, release URL, path), None for random weights
         return {"name": self.name, "random_weights": self.random_weights, "weights_sha256": self.weights_hash(),
+                "weights_file": getattr(self.model, "mirage_edge_weights", None),
                 "modalities": self.modalities,
                 "layers": self.layers, "embed_dim": self.embed_dim, "num_global_tokens": self.num_global_tokens,
                 "input_size": list(self.input_size), "grid": list(self.grid), "task": self.task}

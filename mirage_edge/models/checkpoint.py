@@ -5,7 +5,8 @@ Formats (ARCHITECTURE.md §14):
   read with ``torch.load(weights_only=True)`` + ``argparse.Namespace`` allow-listed, never
   ``weights_only=False`` (a pickle that would run code is refused);
 * Hugging Face layout: a folder with ``config.json`` ({input_size, modalities, patch_size, size})
-  and ``model.safetensors`` whose keys are ``model.`` + the .pth key (unprefixed also accepted);
+  and ``model.safetensors`` (or, from older hub versions, ``pytorch_model.bin``) whose keys are
+  ``model.`` + the .pth key (unprefixed also accepted);
 * ours: a folder with ``model.safetensors`` + ``config.json`` ({"format": "mirage-edge", ...}).
 
 The architecture is always taken from the file itself (tensor shapes + metadata); one pure
@@ -71,8 +72,45 @@ class RawCheckpoint:
     args: dict | None = None  # vars(args) of an official .pth
 
 
+def checkpoint_file_kind(path: Path) -> str:
+    """What a weights file holds by its first bytes: "zip" (torch.save), "pickle" (legacy torch.save,
+    pickle protocol 2-5), "safetensors", "empty", or "" (none of them, e.g. random bytes or text)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        size = fh.seek(0, 2)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return ""
+
+
+def _refuse_unknown_bytes(path: Path, expected: str) -> None:
+    """Name the real cause when `path` holds no weights at all, before a loader reports a misleading one
+    (torch.load calls random bytes "a refused pickle")."""
+    try:
+        kind = checkpoint_file_kind(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if kind == "empty":
+        raise CheckpointError(f"{path} is not a checkpoint: the file is empty")
+    if kind == "safetensors" and expected != "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file: name it *.safetensors (or give the folder holding "
+                              "it with its config.json)")
+    if kind in ("zip", "pickle") and expected == "safetensors":
+        raise CheckpointError(f"{path} is a PyTorch file (torch.save), not safetensors: name it *.pth")
+    if not kind:
+        raise CheckpointError(f"{path} is not a checkpoint: neither a PyTorch file (torch.save zip or pickle) "
+                              "nor safetensors")
+
+
 def torch_load_safe(path: Path) -> Any:
     """torch.load with weights_only=True; only argparse.Namespace is allow-listed extra."""
+    _refuse_unknown_bytes(path, "torch")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:  # mmap: a 1.3 GB Large file (+ optimizer state) is not read into memory twice
@@ -96,6 +134,7 @@ def _load_safetensors(path: Path) -> StateDict:
 
     if not path.is_file():
         raise CheckpointError(f"missing weights file {path}")
+    _refuse_unknown_bytes(path, "safetensors")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError
@@ -135,6 +174,13 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
         if path.is_dir() and kind is None:
             raise CheckpointError(f"{path}: not a checkpoint folder (need config.json of mirage-edge or "
                                   "of the official Hugging Face release, and model.safetensors)")
+        bin_path = folder / "pytorch_model.bin"
+        if kind == "hf" and path.is_dir() and not weights.is_file() and bin_path.is_file():
+            # older PyTorchModelHubMixin snapshots: a plain state dict, read weights_only like a .pth
+            sd = torch_load_safe(bin_path)
+            if not (isinstance(sd, Mapping) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())):
+                raise CheckpointError(f"{bin_path}: not a state dict of tensors")
+            return RawCheckpoint("hf", dict(sd), path, config=cfg)
         return RawCheckpoint(kind or "state_dict", _load_safetensors(weights), path, config=cfg)
     obj = torch_load_safe(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):

@@ -79,18 +79,20 @@ def _meta_twin(model):
 
 def _weights_place(name: str) -> str:
     from mirage_edge.models.config import PRETRAINED_CFGS
-    from mirage_edge.models.weights import candidates, cache_dir
+    from mirage_edge.models.weights import cache_dir, candidates, find_local
 
     cfg = PRETRAINED_CFGS.get(name)
     if cfg is None:
         return "n/a (not a released model)"
-    if not cfg.url:
+    if not cfg.url and not cfg.hf_hub_id:
         return f"none released ({cfg.notes}); pass --checkpoint"
-    found = [str(c) for c in candidates(cfg) if c.exists()]
+    found = find_local(cfg)
     if found:
-        return f"found: {found[0]}"
-    src = f"; download: {cfg.url}" if cfg.url else ""
-    return f"not found; looked in {', '.join(str(c) for c in candidates(cfg))} (cache dir {cache_dir()}){src}"
+        return f"found: {found}"
+    hub = f"Hugging Face {cfg.hf_hub_id}@{cfg.hf_revision}" if cfg.hf_hub_id else ""
+    src = "; download: " + ", else ".join(x for x in (hub, cfg.url or "") if x)
+    return (f"not found; looked in {', '.join(str(c) for c in candidates(cfg))} (cache dir {cache_dir()}) "
+            f"and the Hugging Face cache{src}")
 
 
 @click.command("info")

@@ -212,9 +212,11 @@ def as_pair(v: Any) -> tuple[int, int]:
 class PretrainedCfg:
     """Where a registered model's weights come from (kept apart from the architecture).
 
-    `file_name` is looked for in the cache dir; `url` is the official download; `sha256` is
-    checked after download when known (None: the official release publishes no checksum).
-    `hf_hub_id` names the Hugging Face repo whose snapshot (`hf:<dir>`) may be used instead.
+    `hf_hub_id` / `hf_revision`: the authors' Hugging Face repo and the revision we resolve it at
+    (`PyTorchModelHubMixin` layout: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+    `hf_sha256`: file name in that repo -> SHA-256 we know for it (None: not known, see the table).
+    `file_name` / `url` / `sha256`: the GitHub release file, the fallback when the hub fails, also
+    looked for by hand in the cache dir. A known hash is always checked before loading.
     """
 
     name: str
@@ -222,6 +224,8 @@ class PretrainedCfg:
     url: str | None = None
     sha256: str | None = None
     hf_hub_id: str | None = None
+    hf_revision: str = "main"
+    hf_sha256: Mapping[str, str | None] = field(default_factory=dict, compare=False, hash=False)
     input_size: tuple[int, int] = (512, 512)
     modalities: tuple[str, ...] = MODALITIES
     license: str = "unknown"
@@ -232,16 +236,32 @@ _LICENSE = ("CC BY-NC-ND 4.0 in the June 2025 snapshot of j-morano/MIRAGE (cd7ae
             "shows CC BY 4.0 - check the current LICENSE before redistributing")
 _RELEASE = "https://github.com/j-morano/MIRAGE/releases/download/weights"
 
+# The revision of j-morano/MIRAGE-{Base,Large} we resolve. The commit id could not be looked up where
+# this was written (no network), so it is the branch "main" for now; every run records the commit it
+# actually got (`weights_file.commit` in the teacher record), and pinning means putting that id here.
+HUB_REVISION = "main"
+
+# Known SHA-256 of the official files; None = not known to us, so nothing beyond the hub's own hash
+# is checked, and the hash of what was loaded is recorded in the run (`weights_file.sha256`).
+# - Hub files: the hub cache names each blob after the hash the hub published for it (LFS sha256,
+#   or the git blob id of small files); `weights.resolve` checks the file against that name too.
+# - Unconfirmed: a third-party model catalogue lists model.safetensors as bdb3ad17...c339 (Base,
+#   348.11 MB) and 22c7da59...894c (Large, 1.22 GB); the sizes agree with the encoder-side tensor
+#   counts (ARCHITECTURE.md §2/§14.2), but we have not downloaded the files, so they are not used.
+# - The release .pth files publish no checksum.
+_HUB_SHA256 = {"config.json": None, "model.safetensors": None, "pytorch_model.bin": None}
+_NOTES = "official: hub = encoder (B-scan + SLO); release .pth = pretraining checkpoint (+ 3 decoders)"
+
 PRETRAINED_CFGS: dict[str, PretrainedCfg] = {
     "mirage-base": PretrainedCfg(
         name="mirage-base", file_name="MIRAGE-Base.pth", url=f"{_RELEASE}/MIRAGE-Base.pth",
-        sha256=None, hf_hub_id="j-morano/MIRAGE-Base", license=_LICENSE,
-        notes="official pretraining checkpoint (encoder + 3 decoders)",
+        sha256=None, hf_hub_id="j-morano/MIRAGE-Base", hf_revision=HUB_REVISION,
+        hf_sha256=dict(_HUB_SHA256), license=_LICENSE, notes=_NOTES,
     ),
     "mirage-large": PretrainedCfg(
         name="mirage-large", file_name="MIRAGE-Large.pth", url=f"{_RELEASE}/MIRAGE-Large.pth",
-        sha256=None, hf_hub_id="j-morano/MIRAGE-Large", license=_LICENSE,
-        notes="official pretraining checkpoint (encoder + 3 decoders)",
+        sha256=None, hf_hub_id="j-morano/MIRAGE-Large", hf_revision=HUB_REVISION,
+        hf_sha256=dict(_HUB_SHA256), license=_LICENSE, notes=_NOTES,
     ),
     # No released weights: train it with `mirage-edge train`.
     "mirage-tiny": PretrainedCfg(name="mirage-tiny", license="Apache-2.0 (ours)",

@@ -26,11 +26,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
     """
     if checkpoint is not None:
         from mirage_edge.models.checkpoint import load_model
-        from mirage_edge.models.weights import resolve_weights
+        from mirage_edge.models.weights import resolve
 
         if pretrained:
             raise ConfigError("give either pretrained=True or checkpoint=..., not both")
-        return load_model(resolve_weights(checkpoint, download=False), config=config, **overrides)
+        found = resolve(checkpoint, download=False)
+        model = load_model(found.path, config=config, **overrides)
+        model.mirage_edge_weights = found.record  # what was loaded, with its SHA-256 (runs record it)
+        return model
     if name == "mirage":
         if config is None:
             raise ConfigError('create_model("mirage") needs checkpoint=... or config=...')

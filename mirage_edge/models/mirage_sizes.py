@@ -23,11 +23,12 @@ def build_mirage(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     weights = kwargs.pop("weights", None)
     if pretrained or weights is not None:
         from mirage_edge.models.checkpoint import load_model
-        from mirage_edge.models.weights import resolve_weights
+        from mirage_edge.models.weights import resolve
 
-        path = resolve_weights(weights or name)
-        model = load_model(path, **kwargs)
+        found = resolve(weights or name)
+        model = load_model(found.path, **kwargs)
         model.mirage_edge_spec = {"name": name, "kwargs": kwargs}
+        model.mirage_edge_weights = found.record  # what was loaded, with its SHA-256 (runs record it)
         return model
     cfg = size_config(name, **kwargs)
     with torch.device(device):
