@@ -58,6 +58,8 @@ def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | 
       mirage-edge distill --recipe mirage-large-mnv4-layers --teacher runs/teacher_seg --data data/layers --qat
       mirage-edge distill --teacher tiny_official.pth --teacher-config tiny_config.json --student student-tiny \\
           --data data/mm --task none --image-size 64
+      torchrun --nproc-per-node 4 -m mirage_edge.cli distill --recipe mirage-large-mnv4-layers \\
+          --teacher runs/teacher_seg --data data/layers --device cuda      # data-parallel, one GPU a process
     """
     from mirage_edge.config import dumps_toml
     from mirage_edge.distill.recipe import load_recipe
@@ -74,8 +76,16 @@ def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | 
         return
 
     from mirage_edge.distill.loop import distill
+    from mirage_edge.train import distributed as D
 
-    result = distill(rec, resume=resume, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    try:
+        result = distill(rec, resume=resume, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    except BaseException:
+        D.shutdown_distributed(wait=False)
+        raise
+    D.shutdown_distributed()
+    if not D.env_dist_info().is_main:
+        return  # under torchrun rank 0 prints the summary
     test = result.report.get("test", {})
     if (result.report.get("teacher") or {}).get("random_weights"):
         click.echo(f"teacher: {rec.teacher.model} with RANDOM WEIGHTS (asked for): the figures below measure "

@@ -43,7 +43,7 @@ from mirage_edge.distill.cache import CacheKey, TeacherCache
 from mirage_edge.distill.data import DistillSamples, collate, open_index
 from mirage_edge.distill.losses import feature_loss, label_loss, task_kd_loss
 from mirage_edge.distill.recipe import DistillRecipe, Stage2Spec
-from mirage_edge.distill.stage import Log, run_stage
+from mirage_edge.distill.stage import Log, TrainForward, run_stage
 from mirage_edge.distill.student_io import save_student
 from mirage_edge.distill.teacher import Teacher, build_teacher
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
@@ -99,9 +99,18 @@ def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, wi
     key = CacheKey(teacher_hash=teacher.weights_hash(), outputs=shapes, modalities=teacher.modalities,
                    preprocess=cfgmod.to_dict(ds.spec), augment=cfgmod.to_dict(ds.augment) if ds.augment else {},
                    aug_seed=ds.aug_seed, views=ds.views)
+    from mirage_edge.train import distributed as D
+
     cache = TeacherCache(cache_root(recipe.cache.dir), key, recipe.cache.shard_size)
-    with cache.locked(log):  # another run may be filling the same cache
-        stats = fill_cache(cache.open(), ds, teacher, with_logits, recipe.run.eval_batch_size, log)
+
+    def fill() -> dict[str, Any]:
+        with cache.locked(log):  # another run may be filling the same cache
+            return fill_cache(cache.open(), ds, teacher, with_logits, recipe.run.eval_batch_size, log)
+
+    stats = D.on_main(fill)  # under torchrun rank 0 fills it; the others then read committed rows
+    if not D.env_dist_info().is_main:
+        with cache.locked():
+            cache.open()
     ds.cache = cache
     return stats
 
@@ -171,8 +180,16 @@ def _datasets(recipe: DistillRecipe, teacher: Teacher) -> tuple[DistillSamples, 
 
 def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False,
             log: Log | None = None) -> DistillResult:
-    """Run the recipe end to end (see module docstring); returns paths and the test report."""
-    log = log or progress
+    """Run the recipe end to end (see module docstring); returns paths and the test report.
+
+    Under torchrun every stage trains data-parallel through the trainer (each rank reads its share of
+    every global batch); rank 0 alone owns the output folder (checks, --overwrite, --resume, reports,
+    artifacts) and fills the teacher cache, the other ranks wait for it and get its errors."""
+    from mirage_edge.train import distributed as D
+
+    info = D.env_dist_info()
+    D.init_distributed(D.resolve_device(recipe.run.device, info), info)
+    log = (log or progress) if info.is_main else (lambda m: None)
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     torch.manual_seed(recipe.run.seed)
@@ -180,7 +197,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     # resolve teacher and data first: a bad --teacher / --data must not leave an output folder behind
     teacher = build_teacher(recipe, log)
     train, val, test, train1, labelled = _datasets(recipe, teacher)
-    out = _prepare_out(recipe, resume, overwrite)
+    out = D.on_main(lambda: _prepare_out(recipe, resume, overwrite))
     task = recipe.data.labelled_task(train.task)
     log(f"teacher {recipe.teacher.model} ({teacher.task or 'encoder'}, D={teacher.embed_dim}, grid {teacher.grid}, "
         f"sees {teacher.modalities}); student {recipe.student.name}; data {recipe.data.path} "
@@ -211,7 +228,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
         def loss1(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
             tgt = _online_targets(teacher, batch, False)
-            tokens, inter = unwrap(model).forward_distill(batch["bscan"])
+            tokens, inter = model(batch["bscan"])  # TrainForward: forward_distill
             loss, parts = feature_loss(tokens, tgt["tokens"], fcfg)
             for i, s_tok in inter.items():
                 li, _ = feature_loss(s_tok, tgt[f"l{i}"], fcfg)
@@ -223,7 +240,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             return {"val_cos": ev.feature_cosine(val, unwrap(model).forward_features, teacher,
                                                  recipe.run.eval_batch_size)} if val is not None else {}
 
-        summary = run_stage("stage1", proj, loss1, train1, s1, recipe, out, resume, log, eval1)
+        summary = run_stage("stage1", proj, loss1, train1, s1, recipe, out, resume, log, eval1,
+                            train_module=TrainForward(proj, lambda m, x: m.forward_distill(x)))
         train1.cache = None
         report["stages"]["stage1"] = {**summary, "cache": stats}
 
@@ -238,24 +256,25 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
         def loss2_with(tcfg: Any) -> Callable:
             def loss2(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
                 tgt = _online_targets(teacher, batch, True)
-                m = unwrap(model)
-                logits = m(batch["bscan"])
+                logits, tokens = model(batch["bscan"])  # TrainForward: logits, tokens for the token term
                 loss, parts = task_kd_loss(logits, tgt["logits"], batch.get("label"), short, tcfg)
-                if tcfg.feature and isinstance(m.encoder, ProjectedStudent):
-                    fl, _ = feature_loss(m.encoder.forward_features(batch["bscan"]), tgt["tokens"], s1.loss)
+                if tokens is not None:
+                    fl, _ = feature_loss(tokens, tgt["tokens"], s1.loss)
                     loss = loss + tcfg.feature * fl
                     parts["feat"] = float(fl.detach())
                 return loss, parts
 
             return loss2
 
+        with_tokens = bool(s2.loss.feature) and isinstance(getattr(final, "encoder", None), ProjectedStudent)
+        train2 = TrainForward(final, lambda m, x: (m(x), m.encoder.forward_features(x) if with_tokens else None))
         monitor = "val_metric" if val is not None else None
         if len(s2.alpha_grid) > 1:
-            summary = _alpha_search(final, loss2_with, train, val, task, recipe, out, resume, log)
+            summary = _alpha_search(final, train2, loss2_with, train, val, task, recipe, out, resume, log)
         else:
             tcfg = dataclasses.replace(s2.loss, alpha=s2.alpha_grid[0]) if s2.alpha_grid else s2.loss
             summary = run_stage("stage2", final, loss2_with(tcfg), train, s2, recipe, out, resume, log,
-                                _val_metric(val, task, recipe), monitor)
+                                _val_metric(val, task, recipe), monitor, train_module=train2)
         train.cache = None
         report["stages"]["stage2"] = {**summary, "cache": stats}
     elif s2.epochs > 0 and task and not teacher.task:
@@ -265,7 +284,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     final.eval()
     meta = {"classes": train.index.classes, "preprocess": cfgmod.to_dict(train.spec), "teacher": teacher.describe(),
             "recipe": recipe.to_dict()}
-    student_dir = save_student(final, out / "student", meta)
+    student_dir = D.on_main(lambda: save_student(final, out / "student", meta))
     log(f"FP32 student saved to {student_dir}")
 
     # ---------------------------------------------------------------- QAT
@@ -286,12 +305,16 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             log("baseline skipped: the labels-only twin needs labels and a fine-tuned teacher's head type")
 
     # ---------------------------------------------------------------- test report
-    if test is not None:
-        report["test"] = test_report(teacher, final, onnx_path, test, task, recipe, twin, twin_onnx)
-    report["seconds"] = time.perf_counter() - t_start
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
-    log(f"report: {out / 'report.json'}")
-    return DistillResult(out, student_dir, int8_dir, onnx_path, report)
+    def finish() -> dict[str, Any]:
+        if test is not None:  # once, on rank 0: the whole test split
+            report["test"] = test_report(teacher, final, onnx_path, test, task, recipe, twin, twin_onnx)
+        report["seconds"] = time.perf_counter() - t_start
+        report["world_size"] = info.world_size
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
+        log(f"report: {out / 'report.json'}")
+        return report
+
+    return DistillResult(out, student_dir, int8_dir, onnx_path, D.on_main(finish))
 
 
 def _json_default(o: Any) -> Any:
@@ -313,8 +336,9 @@ def _val_metric(val: DistillSamples | None, task: str, recipe: DistillRecipe) ->
     return evaluate
 
 
-def _alpha_search(model: nn.Module, loss_with: Callable, train: DistillSamples, val: DistillSamples | None,
-                  task: str, recipe: DistillRecipe, out: Path, resume: bool, log: Log) -> dict[str, Any]:
+def _alpha_search(model: nn.Module, train_module: nn.Module, loss_with: Callable, train: DistillSamples,
+                  val: DistillSamples | None, task: str, recipe: DistillRecipe, out: Path, resume: bool,
+                  log: Log) -> dict[str, Any]:
     """Stage 2 once per KD weight of `stage2.alpha_grid` (folders stage2_alpha<a>), each from the same
     starting weights and data order; `model` ends with the weights of the best validation metric."""
     s2 = recipe.stage2
@@ -327,7 +351,8 @@ def _alpha_search(model: nn.Module, loss_with: Callable, train: DistillSamples, 
     for a in s2.alpha_grid:
         model.load_state_dict(start)
         summary = run_stage(f"stage2_alpha{a:g}", model, loss_with(dataclasses.replace(s2.loss, alpha=a)), train,
-                            s2, recipe, out, resume, log, _val_metric(val, task, recipe), "val_metric")
+                            s2, recipe, out, resume, log, _val_metric(val, task, recipe), "val_metric",
+                            train_module=train_module)
         tried[f"{a:g}"] = summary
         log(f"stage2: alpha {a:g} -> best val {summary['best']:.4f}")
         if best is None or summary["best"] > best[1]:
@@ -379,14 +404,16 @@ def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val
         f"on {len(labelled)} labelled images")
 
     def loss_b(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        return label_loss(unwrap(model)(batch["bscan"]), batch["label"], short, dice=s2.loss.dice)
+        return label_loss(model(batch["bscan"]), batch["label"], short, dice=s2.loss.dice)
 
     summary = run_stage("baseline_stage", twin, loss_b, labelled, spec, recipe, out, resume, log,
                         _val_metric(val, task, recipe), "val_metric" if val is not None else None)
     _deploy_form(backbone, recipe)
     twin.eval()
     bmeta = {**meta, "teacher": None, "labels_only": True}
-    save_student(twin, out / "baseline", bmeta)
+    from mirage_edge.train import distributed as D
+
+    D.on_main(lambda: save_student(twin, out / "baseline", bmeta))
     log(f"baseline: FP32 twin saved to {out / 'baseline'}")
     onnx_path = None
     if recipe.qat.enabled and b.qat:

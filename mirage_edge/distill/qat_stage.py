@@ -24,6 +24,7 @@ from mirage_edge.distill.qat import export_qdq_onnx, ort_predict, ort_session, p
 from mirage_edge.distill.recipe import DistillRecipe, TaskLossConfig
 from mirage_edge.distill.stage import run_stage
 from mirage_edge.distill.student_io import save_qat_student
+from mirage_edge.train import distributed as D
 from mirage_edge.train.checkpoint import unwrap
 
 
@@ -58,28 +59,31 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
                         recalibrate_bn=not spec.eval_mode)
     qmodel = unwrap(qmodel).eval()
     qdir = out / out_name
-    size = recipe.data.image_size
-    example = torch.zeros(1, 1, size, size)
     onnx_path = qdir / "model.onnx"
-    qdir.mkdir(parents=True, exist_ok=True)
-    counts = export_qdq_onnx(qmodel, onnx_path, example, opset=spec.onnx_opset)
-    # parity: ONNX Runtime INT8 graph vs the torch fake-quant model on real inputs
-    x = calib[0][:4]
-    with torch.no_grad():
-        ref = qmodel(x).float()
-    got = next(ort_predict(ort_session(onnx_path, recipe.run.threads), [x]))
-    scale = float(ref.abs().max()) or 1.0
-    parity = {"max_abs_diff": float((got - ref).abs().max()), "rel_to_max": float((got - ref).abs().max()) / scale}
-    if is_task:
-        parity["argmax_agreement"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
-    qinfo = {**info, "nncf_config": qat_config(qmodel), "onnx_ops": {k: counts[k] for k in
-                                                                     ("QuantizeLinear", "DequantizeLinear",
-                                                                     "compute_ops_quantized")},
-             "ort_parity": parity}
-    save_qat_student(qmodel, fp32, qdir, qinfo, meta)
-    log(f"{stage}: INT8 student saved to {qdir}; Q/DQ ONNX {onnx_path} "
-        f"({counts.get('QuantizeLinear')} QuantizeLinear), ORT vs torch max |diff| {parity['max_abs_diff']:.3g}")
-    return qdir, onnx_path, {**summary, **{k: v for k, v in qinfo.items() if k != "nncf_config"}}
+
+    def export() -> dict[str, Any]:  # rank 0 writes the checkpoint and the graph; the others wait
+        size = recipe.data.image_size
+        qdir.mkdir(parents=True, exist_ok=True)
+        counts = export_qdq_onnx(qmodel, onnx_path, torch.zeros(1, 1, size, size), opset=spec.onnx_opset)
+        # parity: ONNX Runtime INT8 graph vs the torch fake-quant model on real inputs
+        x = calib[0][:4]
+        with torch.no_grad():
+            ref = qmodel(x).float()
+        got = next(ort_predict(ort_session(onnx_path, recipe.run.threads), [x]))
+        scale = float(ref.abs().max()) or 1.0
+        diff = float((got - ref).abs().max())
+        parity = {"max_abs_diff": diff, "rel_to_max": diff / scale}
+        if is_task:
+            parity["argmax_agreement"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
+        qinfo = {**info, "nncf_config": qat_config(qmodel),
+                 "onnx_ops": {k: counts[k] for k in ("QuantizeLinear", "DequantizeLinear", "compute_ops_quantized")},
+                 "ort_parity": parity}
+        save_qat_student(qmodel, fp32, qdir, qinfo, meta)
+        log(f"{stage}: INT8 student saved to {qdir}; Q/DQ ONNX {onnx_path} "
+            f"({counts.get('QuantizeLinear')} QuantizeLinear), ORT vs torch max |diff| {diff:.3g}")
+        return {k: v for k, v in qinfo.items() if k != "nncf_config"}
+
+    return qdir, onnx_path, {**summary, **D.on_main(export)}
 
 
 __all__ = ["run_qat"]

@@ -21,12 +21,30 @@ from mirage_edge.distill.precise_bn import recalibrate_bn as recalibrate_bn_
 from mirage_edge.distill.precise_bn import recalibration_batches
 from mirage_edge.distill.recipe import DistillRecipe
 from mirage_edge.errors import CheckpointError
+from mirage_edge.train import distributed as D
 from mirage_edge.train.checkpoint import unwrap
 from mirage_edge.train.config import LoopConfig
 from mirage_edge.train.engine import Trainer
 from mirage_edge.train.optim import CosineSchedule
 
 Log = Callable[[str], None]
+
+
+class TrainForward(nn.Module):
+    """`fn(model, x)` as a module's forward (shares `model`'s parameters).
+
+    Under torchrun DDP averages the gradients of what runs through the forward of the module it
+    wraps; a loss that calls `model.forward_distill(x)` (stage 1's token maps) or a second encoder
+    pass (stage 2's token term) around it trains each rank on its own gradients. So the loss
+    calls this module (the trainer's `train_module`) instead."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, torch.Tensor], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.fn(self.model, x)
 
 
 def _loop_config(recipe: DistillRecipe, stage: Any) -> LoopConfig:
@@ -40,7 +58,7 @@ def _loop_config(recipe: DistillRecipe, stage: Any) -> LoopConfig:
 def run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples, stage: Any,
               recipe: DistillRecipe, out: Path, resume: bool, log: Log,
               evaluate: Callable | None = None, monitor: str | None = None,
-              recalibrate_bn: bool = True) -> dict[str, Any]:
+              recalibrate_bn: bool = True, train_module: nn.Module | None = None) -> dict[str, Any]:
     """Train `model` for one stage with the generic Trainer; reuse a finished stage on resume.
 
     BatchNorm statistics are re-estimated on training images (`run.precise_bn` batches) before
@@ -48,7 +66,9 @@ def run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples
     (unless `recalibrate_bn` is False: a stage that trained with frozen statistics keeps them).
 
     `stage` is the recipe section of the stage (Stage1Spec, Stage2Spec or QATSpec: epochs,
-    batch_size, lr ...); the run folder is `out/name`. Returns the stage summary (DONE.json).
+    batch_size, lr ...); the run folder is `out/name`. `loss_fn(m, batch)` gets `train_module`
+    (a `TrainForward` around `model`; default `model`), DDP-wrapped under torchrun. Returns the
+    stage summary (DONE.json).
     """
     bn_inputs = (recalibration_batches(ds, recipe.run.precise_bn, recipe.run.eval_batch_size)
                  if recalibrate_bn else [])
@@ -87,7 +107,10 @@ def run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples
     trainer = Trainer(model, loss_fn, ds, loop=loop, optimizer=opt, schedule=sched, run_dir=run_dir,
                       evaluate=evaluate_ if evaluate is not None else None, monitor=monitor, mode="max",
                       config=recipe.to_dict(), collate_fn=collate,
-                      save_model_fn=save_weights, description=f"distill {name}")
+                      save_model_fn=save_weights, description=f"distill {name}", train_module=train_module,
+                      # under DDP: a projector's global-token / intermediate-block branches, a twin's
+                      # unused layer projectors and NNCF quantizers of float branches get no gradient
+                      find_unused_parameters=True)
     res = trainer.fit(resume="auto" if resume else None)
     model.eval()
     if monitor and res.best_dir is not None and (res.best_dir / "model.safetensors").is_file():
@@ -96,15 +119,19 @@ def run_stage(name: str, model: nn.Module, loss_fn: Callable, ds: DistillSamples
         log(f"{name}: using best {monitor} {res.best_metric:.4f} (step {res.best_step})")
     else:
         recalibrate(model)  # the last weights (a no-op for BN-free models)
-    with atomic_path(final) as tmp:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     summary = {"steps": res.steps, "seconds": res.seconds, "samples_per_s": res.samples_per_s,
                "last_loss": res.last_loss, "best": res.best_metric, "history": res.history}
-    atomic_write_text(done, json.dumps(summary, default=str))
-    # a finished stage resumes from final.safetensors: its optimizer-state checkpoints (0.1-0.5 GB
-    # each for a CNN student) are never read again
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+    def finish() -> None:  # rank 0 writes; the other ranks hold the same weights
+        with atomic_path(final) as tmp:
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        atomic_write_text(done, json.dumps(summary, default=str))
+        # a finished stage resumes from final.safetensors: its optimizer-state checkpoints (0.1-0.5 GB
+        # each for a CNN student) are never read again
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+    D.on_main(finish)
     return summary
 
 
-__all__ = ["run_stage", "Log"]
+__all__ = ["run_stage", "Log", "TrainForward"]

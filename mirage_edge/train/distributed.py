@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from mirage_edge.errors import ConfigError
+from mirage_edge.errors import ConfigError, MirageEdgeError
+
+T = TypeVar("T")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -102,9 +104,12 @@ def init_distributed(device: torch.device, info: DistInfo | None = None, timeout
     return info
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group; `wait=False` after an error (the other ranks may never arrive: torchrun
+    stops them when this process exits)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -143,6 +148,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only (writes of shared files: an output folder, a report, an export); every
+    rank returns its result, or raises its error - a MirageEdgeError as the same class and message,
+    so no rank waits forever for a rank that failed. `fn`'s result must pickle."""
+    if not is_dist():
+        return fn()
+    result: Any = None
+    failure: tuple[type, str] | None = None
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on every rank
+            error, failure = exc, (type(exc), str(exc))
+    result, failure = broadcast_object((result, failure))
+    if error is not None:
+        raise error
+    if failure is not None:
+        cls, msg = failure
+        raise (cls(msg) if isinstance(cls, type) and issubclass(cls, MirageEdgeError)
+               else MirageEdgeError(f"rank 0 failed: {cls.__name__}: {msg}"))
+    return result
 
 
 @contextlib.contextmanager
