@@ -68,10 +68,44 @@ def cache_root(spec_dir: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------- cache fill
+def cache_cost(key: CacheKey, n_rows: int) -> int:
+    """Bytes `n_rows` (sample, view) rows of teacher outputs `key.outputs` take in the cache."""
+    import numpy as np
+
+    per_row = sum(int(np.prod(shape)) for shape in key.outputs.values()) * np.dtype(key.dtype).itemsize
+    return per_row * n_rows
+
+
+def check_cache_room(cache: TeacherCache, todo: int, total: int, max_gb: float, log: Log) -> None:
+    """Say what the cache costs and refuse before filling when the rows still to compute would not fit
+    on the disk (with a 5 % margin) or exceed `cache.max_gb`."""
+    need, full = cache_cost(cache.key, todo), cache_cost(cache.key, total)
+    free = shutil.disk_usage(_existing_parent(cache.dir)).free
+    gb = 1e9
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sorted(cache.key.outputs.items()))
+    log(f"teacher cache: {total} rows ({shapes}, {cache.key.dtype}) = {full / gb:.3f} GB; "
+        f"{todo} to compute = {need / gb:.3f} GB; {free / gb:.1f} GB free at {cache.dir.parent}")
+    if max_gb and need > max_gb * gb:
+        raise ConfigError(f"the teacher cache for this data would need {need / gb:.2f} GB more at {cache.dir}, above "
+                          f"cache.max_gb = {max_gb:g}; raise it, point cache.dir at a larger disk, or run the teacher "
+                          "online (cache.enabled = false)")
+    if need > 0.95 * free:
+        raise ConfigError(f"the teacher cache for this data needs {need / gb:.2f} GB more at {cache.dir} but only "
+                          f"{free / gb:.2f} GB are free there; point cache.dir at a larger disk or run the teacher "
+                          "online (cache.enabled = false)")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def fill_cache(cache: TeacherCache, ds: DistillSamples, teacher: Teacher, with_logits: bool,
-               batch_size: int, log: Log) -> dict[str, Any]:
+               batch_size: int, log: Log, max_gb: float = 0.0) -> dict[str, Any]:
     """Compute the teacher targets missing from `cache` for every (sample, view) of `ds`."""
     todo = cache.missing([(ds.sample_id(i), ds.fingerprint(i)) for i in range(len(ds))])
+    check_cache_room(cache, len(todo), len(ds) * cache.key.views, max_gb, log)
     pos = {ds.sample_id(i): i for i in range(len(ds))}
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
@@ -105,7 +139,8 @@ def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, wi
 
     def fill() -> dict[str, Any]:
         with cache.locked(log):  # another run may be filling the same cache
-            return fill_cache(cache.open(), ds, teacher, with_logits, recipe.run.eval_batch_size, log)
+            return fill_cache(cache.open(), ds, teacher, with_logits, recipe.run.eval_batch_size, log,
+                              recipe.cache.max_gb)
 
     stats = D.on_main(fill)  # under torchrun rank 0 fills it; the others then read committed rows
     if not D.env_dist_info().is_main:
@@ -506,4 +541,4 @@ def _ort_logits(onnx_path: Path, test: DistillSamples, recipe: DistillRecipe) ->
     return ev.collect(test, lambda x: next(ort_predict(sess, [x])), recipe.run.eval_batch_size)[0]
 
 
-__all__ = ["distill", "DistillResult", "fill_cache", "attach_cache", "test_report", "cache_root"]
+__all__ = ["distill", "DistillResult", "fill_cache", "cache_cost", "attach_cache", "test_report", "cache_root"]

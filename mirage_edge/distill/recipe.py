@@ -20,6 +20,16 @@ if TYPE_CHECKING:  # numpy + OpenCV: imported when used, so loading a recipe sta
 Norm = Literal["layernorm", "l2", "none"]
 
 
+def _check_ranges(spec: Any, section: str, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """ValueError naming `section.key` for a value that cannot work (a batch of 0, a negative count)."""
+    for name in positive:
+        if getattr(spec, name) <= 0:
+            raise ValueError(f"{section}.{name} must be > 0, got {getattr(spec, name)}")
+    for name in non_negative:
+        if getattr(spec, name) < 0:
+            raise ValueError(f"{section}.{name} must be >= 0, got {getattr(spec, name)}")
+
+
 @dataclass
 class FeatureLossConfig:
     """Mix of feature-matching terms on normalized tokens (weights may be 0).
@@ -114,6 +124,7 @@ class DataSpec:
             raise ValueError(f"data.image_size must be a multiple of 32 (student stride), got {self.image_size}")
         if self.views < 1:
             raise ValueError(f"data.views must be >= 1, got {self.views}")
+        _check_ranges(self, "data", non_negative=("limit",))
 
     def preprocess_spec(self) -> PreprocessSpec:
         """The preprocessing teacher and student see: image_size x image_size, MIRAGE scaling."""
@@ -145,6 +156,10 @@ class Stage1Spec:
     warmup_steps: int = 0
     layer_weight: float = 1.0
     loss: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "stage1", positive=("batch_size", "lr"),
+                      non_negative=("epochs", "max_steps", "weight_decay", "warmup_steps", "layer_weight"))
 
 
 @dataclass
@@ -182,6 +197,8 @@ class Stage2Spec:
     loss: TaskLossConfig = field(default_factory=TaskLossConfig)
 
     def __post_init__(self) -> None:
+        _check_ranges(self, "stage2", positive=("batch_size", "lr"),
+                      non_negative=("epochs", "max_steps", "weight_decay", "warmup_steps"))
         if self.head and self.mode != "new_head":
             raise ValueError('stage2.head sets up a fresh head: it needs stage2.mode = "new_head"')
         if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid) or len(set(self.alpha_grid)) != len(self.alpha_grid):
@@ -227,6 +244,8 @@ class QATSpec:
     eval_mode: bool = True
 
     def __post_init__(self) -> None:
+        _check_ranges(self, "qat", positive=("batch_size", "lr", "subset_size", "temperature"),
+                      non_negative=("epochs", "max_steps", "weight_decay", "warmup_steps"))
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"qat.alpha must be in [0, 1], got {self.alpha}")
         if self.dice < 0:
@@ -257,11 +276,23 @@ class BaselineSpec:
 
 @dataclass
 class CacheSpec:
-    """Teacher-output cache (fp16 memmap shards). dir "" = $MIRAGE_EDGE_HOME/cache/teacher."""
+    """Teacher-output cache (fp16 memmap shards). dir "" = $MIRAGE_EDGE_HOME/cache/teacher.
+
+    enabled = false is the online-teacher mode: no cache, the teacher runs beside the student at every
+    step (on the same device). max_gb: refuse up front when the rows still to compute need more (0 =
+    no limit; the free disk space is always checked)."""
 
     enabled: bool = True
     dir: str = ""
     shard_size: int = 256
+    max_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_gb < 0 or self.shard_size < 1:
+            raise ValueError(f"cache.max_gb must be >= 0 and cache.shard_size >= 1, got {self.max_gb}, {self.shard_size}")
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "cache", positive=("shard_size",))
 
 
 @dataclass
@@ -282,6 +313,10 @@ class RunSpec:
     eval_batch_size: int = 16
     eval_every: int = 0
     precise_bn: int = 8
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "run", positive=("log_every", "eval_batch_size"),
+                      non_negative=("threads", "checkpoint_every", "num_workers", "eval_every", "precise_bn"))
 
 
 @dataclass
