@@ -182,11 +182,49 @@ def write_meta(artifact_dir: str | Path, meta: ArtifactMeta) -> Path:
     return path
 
 
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
+_MODEL_SUFFIXES = (".onnx", ".xml", ".engine")
+
+
+def not_an_artifact(path: str | Path) -> str | None:
+    """Why `path` is not an artifact folder, when it is plainly something else, else None.
+
+    Missing; a file (a model file inside an artifact, a checkpoint file, anything else); a training
+    checkpoint folder (config.json + model.safetensors), a `train` or `distill` run folder (which
+    `mirage-edge export` turns into an artifact); or a folder of several artifacts (an export's --out).
+    """
+    d = Path(path)
+    if not d.exists():
+        return f"artifact not found: {d} does not exist"
+    export = "; export it first: mirage-edge export {src} --out DIR, then give DIR/<format>-<precision>"
+    if not d.is_dir():
+        if d.suffix.lower() in _MODEL_SUFFIXES and (d.parent / METADATA_FILE).is_file():
+            return f"{d} is a model file; give its artifact folder {d.parent}"
+        if d.suffix.lower() in _CHECKPOINT_SUFFIXES:
+            return f"{d} is a checkpoint file, not an exported artifact" + export.format(src=d)
+        return (f"{d} is a file, not an artifact folder (an artifact folder holds the model file(s), "
+                f"{METADATA_FILE} and {SUMS_FILE}, as `mirage-edge export` writes them)")
+    if (d / METADATA_FILE).is_file() or (d / SUMS_FILE).is_file():
+        return None  # an artifact, maybe damaged: the caller names what is wrong
+    if (d / "config.json").is_file() and ((d / "model.safetensors").is_file() or (d / "qat.json").is_file()):
+        return f"{d} is a training checkpoint, not an exported artifact" + export.format(src=d)
+    if (d / "recipe.toml").is_file() and (d / "student").is_dir():
+        return f"{d} is a distill run folder, not an exported artifact" + export.format(src=d)
+    if (d / "best" / "config.json").is_file():
+        return f"{d} is a training run folder, not an exported artifact" + export.format(src=d / "best")
+    inner = sorted(p for p in d.iterdir() if p.is_dir() and (p / METADATA_FILE).is_file())
+    if inner:
+        shown = ", ".join(str(p) for p in inner[:4]) + (" ..." if len(inner) > 4 else "")
+        return f"{d} holds {len(inner)} artifact(s), it is not one itself: give one of {shown}"
+    return None
+
+
 def read_meta(artifact_dir: str | Path) -> ArtifactMeta:
     """Read `metadata.json` of an artifact folder (no checksum verification; see `verify_sha256sums`)."""
     d = Path(artifact_dir)
-    if not d.is_dir():
-        raise ArtifactError(f"artifact folder not found: {d}")
+    why = not_an_artifact(d)
+    if why:
+        raise ArtifactError(why)
     path = d / METADATA_FILE
     if not path.is_file():
         raise ArtifactError(f"{d} is not an artifact: {METADATA_FILE} is missing")
@@ -215,7 +253,11 @@ def read_sha256sums(artifact_dir: str | Path) -> dict[str, str]:
     d = Path(artifact_dir)
     path = d / SUMS_FILE
     if not path.is_file():
-        raise ArtifactError(f"{d} has no {SUMS_FILE}; refusing an artifact that cannot be verified")
+        why = not_an_artifact(d)
+        if why is None and not (d / METADATA_FILE).is_file():
+            why = (f"{d} is not an artifact: it has neither {METADATA_FILE} nor {SUMS_FILE} (an artifact folder "
+                   "holds the model file(s) and both, as `mirage-edge export` writes them)")
+        raise ArtifactError(why or f"{d} has no {SUMS_FILE}; refusing an artifact that cannot be verified")
     sums: dict[str, str] = {}
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -270,5 +312,5 @@ def load_verified_meta(artifact_dir: str | Path) -> ArtifactMeta:
 __all__ = [
     "ArtifactMeta", "TensorSpec", "QuantizationInfo", "SourceInfo", "SCHEMA_VERSION", "METADATA_FILE",
     "SUMS_FILE", "METADATA_KEY", "write_meta", "read_meta", "write_sha256sums", "read_sha256sums",
-    "verify_sha256sums", "load_verified_meta", "mask_dtype",
+    "verify_sha256sums", "load_verified_meta", "mask_dtype", "not_an_artifact",
 ]

@@ -4,7 +4,8 @@ Subcommands live next to the code they drive (`mirage_edge/<area>/cli.py`) and a
 when named, so `mirage-edge --help` stays fast and torch-free. Those modules import click at top
 level and everything heavy inside the command bodies. Every `MirageEdgeError` becomes a one-line
 message and its exit code; so does a missing optional package (a runtime-only install running a
-toolkit command), which names the extra to install. `--debug` shows the traceback instead.
+toolkit command), which names the extra to install, and an `OSError` of a full disk, a read-only
+file system or a refused permission (naming the file). `--debug` shows the traceback instead.
 
 Logging: library modules log to `logging.getLogger(__name__)` under `mirage_edge` and never add
 handlers; the CLI adds one for the length of a command (-q warnings only, default info, -v debug,
@@ -12,6 +13,7 @@ handlers; the CLI adds one for the length of a command (-q warnings only, defaul
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -21,7 +23,11 @@ import click
 
 from mirage_edge import __version__
 from mirage_edge._deps import missing_dependency
-from mirage_edge.errors import MirageEdgeError
+from mirage_edge.errors import MirageEdgeError, OutputError
+
+# errnos of an OSError that escapes a command and is shown as a one-line error, not a traceback
+_USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.ENOTDIR, errno.EISDIR})
 
 # command name -> "module:attribute". Add a line here when an area gains a command.
 COMMANDS: dict[str, str] = {
@@ -60,6 +66,30 @@ class _LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except OSError as exc:
+            # A write that failed outside the paths a command checks itself (full disk, read-only,
+            # permission) is the user's to fix, not a bug: one line naming the file, as for ours.
+            if exc.errno not in _USER_ERRNOS:
+                raise
+            _fail(ctx, exc, OutputError(_describe_os_error(exc), exc.errno, exc.filename))
+
+
+def _describe_os_error(exc: OSError) -> str:
+    from mirage_edge._io import DISK_FULL_ERRNOS, write_failure_reason
+
+    reason = write_failure_reason(exc)
+    if not exc.filename:
+        return reason
+    name = os.fsdecode(exc.filename)
+    if exc.errno in DISK_FULL_ERRNOS:
+        return f"cannot write {name}: {reason}"
+    if exc.errno == errno.ENOTDIR:  # a file where a folder of the path should be: name it
+        from pathlib import Path
+
+        blocker = next((p for p in (Path(name), *Path(name).parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{name}: {reason} ({blocker} is a file, not a folder)"
+    return f"{name}: {reason}"
 
 
 def _fail(ctx: click.Context, exc: BaseException, error: MirageEdgeError | None) -> None:

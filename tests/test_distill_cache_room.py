@@ -57,3 +57,19 @@ def test_cache_refused_above_max_gb_or_the_free_space(data, tmp_path, monkeypatc
     monkeypatch.setattr(loop.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(ConfigError, match=r"only 0.00 GB are free"):
         distill(_recipe(data, tmp_path / "b"), log=lambda m: None)
+
+
+def test_non_finite_teacher_outputs_are_named_not_blamed_on_the_learning_rate(data, tmp_path, monkeypatch):
+    from mirage_edge.distill import distill
+    from mirage_edge.distill.teacher import Teacher
+    from mirage_edge.errors import DataError
+
+    real = Teacher.targets
+
+    def nan_targets(self, batch, **k):
+        out = real(self, batch, **k)
+        return {name: torch.full_like(v, float("nan")) for name, v in out.items()}
+
+    monkeypatch.setattr(Teacher, "targets", nan_targets)
+    with pytest.raises(DataError, match="not finite"):
+        distill(_recipe(data, tmp_path), log=lambda m: None)

@@ -87,12 +87,15 @@ def _print_rich(s: dict) -> None:
 @click.option("--size", type=int, default=512, show_default=True, help="Image size (square, pixels).")
 @click.option("--center", default="default", show_default=True,
               help="Device look: default (=spectralis), spectralis, cirrus, topcon, bioptigen (16-bit).")
-@click.option("--splits", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions.")
+@click.option("--splits", default="0.7,0.15,0.15", show_default=True, help="train,val,test fractions (sum 1).")
 @click.option("--workers", type=int, default=None, help="Processes (default: all cores for large sets).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 def synth_cmd(out: Path, kind: str, n: int, seed: int, size: int, center: str, splits: str,
               workers: int | None, overwrite: bool) -> None:
-    """Write a synthetic SD-OCT set in RetinaBench layout (exact labels; deterministic per seed)."""
+    """Write a synthetic SD-OCT set in RetinaBench layout (exact labels; deterministic per seed).
+
+    SYNTH.json is written last: a folder without it holds an unfinished set.
+    """
     import time
 
     from mirage_edge.data.synth import synthesize

@@ -169,7 +169,8 @@ def _check_header(path: Path, limit: int) -> None:
     if not fmt:
         if path.stat().st_size == 0:
             return  # `_decode` says "the file is empty"
-        raise DataError(f"cannot read image {path}: the content is not a PNG, TIFF, JPEG, BMP or .npy file")
+        what = "text, not" if _looks_like_text(path) else "not"
+        raise DataError(f"cannot read image {path}: the content is {what} a PNG, TIFF, JPEG, BMP or .npy file")
     if shape is not None and limit and shape[0] * shape[1] > limit:
         h, w = shape
         raise DataError(
@@ -177,6 +178,17 @@ def _check_header(path: Path, limit: int) -> None:
             f"{limit} pixels that guards against decompression bombs; if the image is genuine, raise the "
             f"limit with the environment variable {MAX_PIXELS_ENV}={h * w} (0 disables the check)"
         )
+
+
+def _looks_like_text(path: Path) -> bool:
+    # A CSV, a note or an HTML error page saved under an image name: UTF-8 without control bytes.
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+        text = head.decode("utf-8", errors="ignore" if len(head) == 512 else "strict")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(text) and all(c.isprintable() or c in "\t\r\n\f" for c in text)
 
 
 def _decode(path: Path) -> np.ndarray:

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mirage_edge._io import atomic_write_text
+from mirage_edge._io import atomic_write_text, check_output_dir, output_error, output_errors
 from mirage_edge.data import synth_render as R
 from mirage_edge.data.io import encode_png
 from mirage_edge.errors import DataError
@@ -164,8 +164,12 @@ def _disease_for(kind: str, rng: np.random.Generator, label: str | None) -> str:
 def _write_png(path: Path, array: np.ndarray) -> None:
     # Plain writes (no fsync per file): a set is complete when SYNTH.json, written last and
     # atomically, exists; fsyncing thousands of PNGs would dominate the run time.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(array))
+    data = encode_png(array)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise output_error(exc, path) from exc
 
 
 def _render_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -250,25 +254,38 @@ def synthesize(out_dir: str | Path, kind: str, n: int, seed: int = 0, size: int 
     """Write a synthetic RetinaBench-format set to `out_dir` and return its path (see module doc).
 
     `workers`: processes (default: CPU count, 1 for small sets); the bytes do not depend on it.
-    An existing non-empty `out_dir` is an error unless `overwrite` (then it is replaced).
+    An existing non-empty `out_dir` is an error unless `overwrite` (then it is replaced). `splits`
+    must sum to 1. A folder that cannot be written raises `OutputError` before any work; a write that
+    fails later (full disk) raises it naming the file, and the set stays without SYNTH.json (incomplete).
     """
     if kind not in KINDS:
         raise DataError(f"unknown synthetic kind {kind!r}; choose one of {', '.join(KINDS)}")
     if center not in R.CENTERS:
         raise DataError(f"unknown center {center!r}; choose one of {', '.join(R.CENTERS)}")
-    if len(splits) != 3 or min(splits) < 0 or sum(splits) <= 0:
-        raise DataError(f"splits must be three non-negative fractions (train, val, test), got {tuple(splits)}")
+    if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1) > 1e-6:
+        shown = ",".join(f"{x:g}" for x in splits)
+        total = f" (sum {sum(splits):g})" if len(splits) == 3 and min(splits) >= 0 else ""
+        raise DataError(f"splits must be three non-negative fractions train,val,test that sum to 1, got "
+                        f"{shown}{total}")
+    if workers is not None and workers < 0:
+        raise DataError(f"workers must be >= 0 (0 = automatic), got {workers}")
     min_n = 12 if kind == "cls" else 3
     if n < min_n:
         raise DataError(f"--n must be at least {min_n} for kind {kind!r} (every split needs a volume"
                         f"{' of every class' if kind == 'cls' else ''}), got {n}")
     if not 32 <= size <= 2048:
         raise DataError(f"size must be within 32..2048 pixels, got {size}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    out = check_output_dir(out_dir, "output folder")  # a file, read-only, full: refused before any work
+    if any(out.iterdir()):
         if not overwrite:
             raise DataError(f"output folder {out} exists and is not empty (use overwrite=True / --overwrite)")
         shutil.rmtree(out)
+    with output_errors(out, f"; {out} is incomplete (it has no SYNTH.json)"):
+        return _synthesize(out, kind, n, seed, size, center, splits, workers, progress)
+
+
+def _synthesize(out: Path, kind: str, n: int, seed: int, size: int, center: str, splits: Sequence[float],
+                workers: int | None, progress: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan(kind, n, seed, splits)
     for j in jobs:

@@ -78,8 +78,13 @@ def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | 
     from mirage_edge.distill.loop import distill
     from mirage_edge.train import distributed as D
 
+    from mirage_edge._io import output_errors
+
     try:
-        result = distill(rec, resume=resume, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+        # a write that fails mid-run (full disk, read-only): one line naming the file
+        with output_errors(rec.out, f"; {rec.out} is incomplete (no report.json): continue it with --resume once "
+                                    "it can be written"):
+            result = distill(rec, resume=resume, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     except BaseException:
         D.shutdown_distributed(wait=False)
         raise

@@ -21,6 +21,7 @@ unfinished stage continues from its latest checkpoint (the trainer's exact resum
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from mirage_edge import config as cfgmod
-from mirage_edge._io import atomic_write_text
+from mirage_edge._io import atomic_write_text, check_output_dir
 from mirage_edge._log import progress
 from mirage_edge.distill import evaluate as ev
 from mirage_edge.distill.cache import CacheKey, TeacherCache
@@ -103,26 +104,54 @@ def _existing_parent(path: Path) -> Path:
 
 def fill_cache(cache: TeacherCache, ds: DistillSamples, teacher: Teacher, with_logits: bool,
                batch_size: int, log: Log, max_gb: float = 0.0) -> dict[str, Any]:
-    """Compute the teacher targets missing from `cache` for every (sample, view) of `ds`."""
-    todo = cache.missing([(ds.sample_id(i), ds.fingerprint(i)) for i in range(len(ds))])
-    check_cache_room(cache, len(todo), len(ds) * cache.key.views, max_gb, log)
+    """Compute the teacher targets missing from `cache` for every (sample, view) of `ds`.
+
+    Under torchrun every rank calls it: rank 0 (which opened `cache` under its lock) lists the missing
+    rows and checks the room for them, each rank computes every world_size-th row, and rank 0 alone
+    writes and commits them all (one writer: no two processes touch a file; readers see committed
+    rows only). Rows are keyed by sample, never by rank, so a cache filled by N processes serves M."""
+    import math
+
+    from mirage_edge.train import distributed as D
+
+    main = not D.is_dist() or D.env_dist_info().is_main
+    rank, world = (D.env_dist_info().rank, D.env_dist_info().world_size) if D.is_dist() else (0, 1)
+
+    def missing() -> list[tuple[str, int]]:
+        todo = cache.missing([(ds.sample_id(i), ds.fingerprint(i)) for i in range(len(ds))])
+        check_cache_room(cache, len(todo), len(ds) * cache.key.views, max_gb, log)
+        return todo
+
+    todo = D.on_main(missing)
     pos = {ds.sample_id(i): i for i in range(len(ds))}
+    mine = todo[rank::world]
     t0 = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        batch = collate([ds.load(pos[sid], v) for sid, v in chunk])
-        out = teacher.targets(batch, with_logits=with_logits)
-        for j, (sid, v) in enumerate(chunk):
-            cache.write(sid, v, {k: out[k][j].cpu().numpy() for k in cache.key.outputs})
-        if (start // batch_size) % 20 == 19:
+    for r in range(math.ceil(math.ceil(len(todo) / world) / batch_size)):
+        chunk = mine[r * batch_size:(r + 1) * batch_size]
+        rows: list[tuple[str, int, dict[str, Any]]] = []
+        if chunk:
+            out = teacher.targets(collate([ds.load(pos[sid], v) for sid, v in chunk]), with_logits=with_logits)
+            bad = [sid for j, (sid, _) in enumerate(chunk) if not all(bool(torch.isfinite(out[k][j]).all())
+                                                                     for k in cache.key.outputs)]
+            if bad:  # caught here, not later as a NaN loss that blames the learning rate
+                raise DataError(f"the teacher's outputs for {', '.join(bad[:5])} are not finite (NaN or inf): the "
+                                "teacher checkpoint or these input images are broken; nothing was cached for them")
+            rows = [(sid, v, {k: out[k][j].cpu().numpy() for k in cache.key.outputs}) for j, (sid, v) in enumerate(chunk)]
+        for part in D.all_gather_objects(rows):  # every rank's rows of this round; [rows] in one process
+            if main:
+                for sid, v, arrays in part:
+                    cache.write(sid, v, arrays)
+        if main and r % 20 == 19:
             cache.commit()
-    cache.commit()
+    if main:
+        cache.commit()
     dt = time.perf_counter() - t0
     if todo:
-        log(f"teacher cache {cache.dir}: computed {len(todo)} entries in {dt:.1f} s ({cache.status})")
+        log(f"teacher cache {cache.dir}: computed {len(todo)} entries in {dt:.1f} s"
+            + (f" on {world} processes" if world > 1 else "") + f" ({cache.status})")
     else:
         log(f"teacher cache {cache.dir}: all {len(ds) * cache.key.views} entries reused ({cache.status})")
-    return {"dir": str(cache.dir), "status": cache.status, "computed": len(todo), "seconds": dt}
+    return {"dir": str(cache.dir), "status": cache.status, "computed": len(todo), "seconds": dt, "processes": world}
 
 
 def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, with_logits: bool,
@@ -136,14 +165,14 @@ def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, wi
     from mirage_edge.train import distributed as D
 
     cache = TeacherCache(cache_root(recipe.cache.dir), key, recipe.cache.shard_size)
-
-    def fill() -> dict[str, Any]:
-        with cache.locked(log):  # another run may be filling the same cache
-            return fill_cache(cache.open(), ds, teacher, with_logits, recipe.run.eval_batch_size, log,
-                              recipe.cache.max_gb)
-
-    stats = D.on_main(fill)  # under torchrun rank 0 fills it; the others then read committed rows
-    if not D.env_dist_info().is_main:
+    main = D.env_dist_info().is_main
+    # rank 0 holds the lock (another run may be filling the same cache) while every rank computes
+    with cache.locked(log) if main else contextlib.nullcontext():
+        if main:
+            cache.open()
+        stats = fill_cache(cache, ds, teacher, with_logits, recipe.run.eval_batch_size, log, recipe.cache.max_gb)
+    D.barrier()
+    if not main:  # read what rank 0 committed
         with cache.locked():
             cache.open()
     ds.cache = cache
@@ -158,7 +187,7 @@ def _online_targets(teacher: Teacher, batch: dict[str, Any], with_logits: bool) 
 
 # ------------------------------------------------------------------------------------- the pipeline
 def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
-    out = Path(recipe.out)
+    out = check_output_dir(recipe.out, "--out")  # a file, read-only or full: one line naming it, before any work
     saved = out / "recipe.toml"
     if out.exists() and any(out.iterdir()):
         if overwrite:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # numpy + OpenCV: imported when used, so loading a recipe sta
 Norm = Literal["layernorm", "l2", "none"]
 
 
-def _check_ranges(spec: Any, section: str, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+def _check_ranges(spec: Any, section: str, positive: Sequence[str] = (),
+                  non_negative: Sequence[str] = ()) -> None:
     """ValueError naming `section.key` for a value that cannot work (a batch of 0, a negative count)."""
     for name in positive:
         if getattr(spec, name) <= 0:
@@ -290,9 +291,6 @@ class CacheSpec:
     def __post_init__(self) -> None:
         if self.max_gb < 0 or self.shard_size < 1:
             raise ValueError(f"cache.max_gb must be >= 0 and cache.shard_size >= 1, got {self.max_gb}, {self.shard_size}")
-
-    def __post_init__(self) -> None:
-        _check_ranges(self, "cache", positive=("shard_size",))
 
 
 @dataclass

@@ -58,79 +58,187 @@ def _overlay(image, mask, alpha: float = 0.45):
     return rgb.clip(0, 255).astype(np.uint8)
 
 
-def write_predictions(predictor, files: list[Path], out: Path, batch_size: int = 8) -> dict:
-    """Run `predictor` over `files` in batches and write CSV/JSON or masks + overlays into `out`."""
+# What `predict` writes into --out: --overwrite removes these (and nothing else) before a new run.
+PREDICT_OUTPUTS = ("predictions.json", "predictions.csv", "features.npy", "masks", "overlays")
+COMPLETE_MARKER = "predictions.json"  # written last: a folder without it holds an unfinished run
+
+
+def check_predict_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an `--out` that cannot hold this run's predictions, before any work (`OutputError`):
+    a file, an unwritable folder, or a non-empty folder (without `overwrite`: the two runs would mix;
+    with it: files that predict did not write, which --overwrite must not delete)."""
+    from mirage_edge._io import check_output_dir
+    from mirage_edge.errors import OutputError
+
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    check_output_dir(out, "--out")
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise OutputError(f"--out {out} is not empty ({shown}); pass --overwrite to replace the predictions "
+                          "there, or choose a new folder")
+    foreign = [e for e in entries if e not in PREDICT_OUTPUTS and not e.startswith(".")]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"--out {out} holds files that predict did not write ({shown}); --overwrite "
+                          "replaces only an earlier predict output: choose a new folder")
+
+
+def _clear_previous(out: Path) -> None:
+    import shutil
+
+    for name in (COMPLETE_MARKER, *PREDICT_OUTPUTS):  # the marker first: a half-cleared folder is incomplete
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _predict_chunk(predictor, chunk: list[Path], keep_going: bool, failed: list[dict]) -> list[tuple]:
+    """[(file, image, prediction)] for the files of `chunk`; with `keep_going` a file that cannot be read
+    or predicted is added to `failed` (file, error) instead of stopping the run."""
+    from mirage_edge.data.io import read_image
+    from mirage_edge.errors import OutputError, MirageEdgeError
+
+    if not keep_going:
+        images = [read_image(f) for f in chunk]
+        return list(zip(chunk, images, predictor.predict(images)))
+    good: list[tuple[Path, object]] = []
+    for f in chunk:
+        try:
+            good.append((f, read_image(f)))
+        except MirageEdgeError as exc:
+            failed.append({"file": str(f), "error": str(exc)})
+    if not good:
+        return []
+    try:
+        preds = predictor.predict([im for _, im in good])
+        return [(f, im, p) for (f, im), p in zip(good, preds)]
+    except OutputError:
+        raise
+    except MirageEdgeError:  # one bad image spoils the batch: find it by predicting them one by one
+        out = []
+        for f, im in good:
+            try:
+                out.append((f, im, predictor.predict([im])[0]))
+            except OutputError:
+                raise
+            except MirageEdgeError as exc:
+                failed.append({"file": str(f), "error": str(exc)})
+        return out
+
+
+def write_predictions(predictor, files: list[Path], out: Path, batch_size: int = 8, *, overwrite: bool = False,
+                      keep_going: bool = False) -> dict:
+    """Run `predictor` over `files` in batches and write CSV/JSON or masks + overlays into `out`.
+
+    `out` must be new or empty; with `overwrite` an earlier predict output there is removed first
+    (`check_predict_out`). `predictions.json` is written last: a folder without it holds an unfinished
+    run (stopped by an error). Fail-fast by default: the first unreadable image raises. With
+    `keep_going` every good image is written and the bad ones are listed under "failed" (file, error)
+    in the returned summary and in predictions.json.
+    """
     import numpy as np
 
-    from mirage_edge._io import atomic_write_text
-    from mirage_edge.data.io import read_image, write_png
+    from mirage_edge._io import atomic_write_text, output_errors
+    from mirage_edge.data.io import write_png
     from mirage_edge.data.preprocess import resize_mask
+    from mirage_edge.errors import ConfigError
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     task, classes = predictor.task, predictor.classes
     if task == "segmentation":
         check_unique_names(files)
-    out.mkdir(parents=True, exist_ok=True)
+    check_predict_out(out, overwrite)
     records = []
     feats = []
-    for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        images = [read_image(f) for f in chunk]
-        pred = predictor.predict(images)
-        for f, img, p in zip(chunk, images, pred):
-            rec: dict = {"file": str(f)}
-            if task == "classification":
-                k = int(np.argmax(p))
-                rec.update(prediction=classes[k], index=k,
-                           probabilities={c: float(v) for c, v in zip(classes, p)})
-            elif task == "segmentation":
-                mask = resize_mask(p, img.shape[-2:]).astype(np.uint8 if p.max(initial=0) < 256 else np.uint16)
-                mpath = write_png(out / "masks" / f"{f.stem}.png", mask)
-                opath = write_png(out / "overlays" / f"{f.stem}.png", _overlay(img, mask.astype(np.int64)))
-                counts = np.bincount(mask.ravel(), minlength=len(classes))
-                rec.update(mask=str(mpath), overlay=str(opath),
-                           fractions={c: float(n) / mask.size for c, n in zip(classes, counts)})
-            else:
-                feats.append(np.asarray(p))
-                rec["row"] = len(feats) - 1
-            records.append(rec)
-    summary = {"artifact": str(predictor.artifact_dir), "task": task, "backend": predictor.backend,
-               "classes": classes, "predictions": records}
-    if task == "classification":
-        lines = ["file,prediction," + ",".join(f"p_{c}" for c in classes)]
-        for r in records:
-            lines.append(f"{r['file']},{r['prediction']}," + ",".join(f"{r['probabilities'][c]:.6f}" for c in classes))
-        atomic_write_text(out / "predictions.csv", "\n".join(lines) + "\n")
-    elif task == "encoder":
-        from mirage_edge._io import atomic_path
+    failed: list[dict] = []
+    with output_errors(out, f"; {out} is incomplete (it has no {COMPLETE_MARKER})"):
+        _clear_previous(out)
+        for i in range(0, len(files), batch_size):
+            for f, img, p in _predict_chunk(predictor, files[i:i + batch_size], keep_going, failed):
+                rec: dict = {"file": str(f)}
+                if task == "classification":
+                    k = int(np.argmax(p))
+                    rec.update(prediction=classes[k], index=k,
+                               probabilities={c: float(v) for c, v in zip(classes, p)})
+                elif task == "segmentation":
+                    dtype = np.uint8 if p.max(initial=0) < 256 else np.uint16
+                    mask = resize_mask(p, img.shape[-2:]).astype(dtype)
+                    mpath = write_png(out / "masks" / f"{f.stem}.png", mask)
+                    opath = write_png(out / "overlays" / f"{f.stem}.png", _overlay(img, mask.astype(np.int64)))
+                    counts = np.bincount(mask.ravel(), minlength=len(classes))
+                    rec.update(mask=str(mpath), overlay=str(opath),
+                               fractions={c: float(n) / mask.size for c, n in zip(classes, counts)})
+                else:
+                    feats.append(np.asarray(p))
+                    rec["row"] = len(feats) - 1
+                records.append(rec)
+        summary = {"artifact": str(predictor.artifact_dir), "task": task, "backend": predictor.backend,
+                   "classes": classes, "predictions": records}
+        if keep_going:
+            summary["failed"] = failed
+        if task == "classification":
+            lines = ["file,prediction," + ",".join(f"p_{c}" for c in classes)]
+            for r in records:
+                lines.append(f"{r['file']},{r['prediction']},"
+                             + ",".join(f"{r['probabilities'][c]:.6f}" for c in classes))
+            atomic_write_text(out / "predictions.csv", "\n".join(lines) + "\n")
+        elif task == "encoder" and feats:
+            from mirage_edge._io import atomic_path
 
-        with atomic_path(out / "features.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.stack(feats))
-        summary["features"] = str(out / "features.npy")
-    atomic_write_text(out / "predictions.json", json.dumps(summary, indent=2) + "\n")
+            with atomic_path(out / "features.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.stack(feats))
+            summary["features"] = str(out / "features.npy")
+        atomic_write_text(out / COMPLETE_MARKER, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 @click.command("predict")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: new or empty (see --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the predictions of an earlier run in --out.")
+@click.option("--keep-going", is_flag=True,
+              help="Write every image that can be read and list the bad ones at the end (exit status 1), "
+                   "instead of stopping at the first.")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]))
-@click.option("--threads", type=int, default=None, help="Inference threads (default: the engine's).")
+@click.option("--threads", type=int, default=None, help="Inference threads (default or 0: the engine's).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-def predict_cmd(artifact: Path, images: tuple[str, ...], out: Path, backend: str, threads: int | None,
-                batch_size: int) -> None:
+def predict_cmd(artifact: Path, images: tuple[str, ...], out: Path, overwrite: bool, keep_going: bool,
+                backend: str, threads: int | None, batch_size: int) -> None:
     """Run an exported ARTIFACT on IMAGES (files or folders).
 
     \b
     classification: predictions.csv + predictions.json (class probabilities)
     segmentation:   masks/<name>.png (class index per pixel, original size), overlays/<name>.png, JSON
     encoder:        features.npy + predictions.json
+
+    predictions.json is written last: an --out without it holds an unfinished run. With --keep-going
+    it lists the images that failed under "failed".
     """
+    from mirage_edge.errors import ConfigError, DataError
     from mirage_edge.runtime.predictor import Predictor
 
-    predictor = Predictor.load(artifact, backend=backend, threads=threads)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = the engine's default), got {threads}")
     files = _expand(images)
-    summary = write_predictions(predictor, files, out, batch_size=batch_size)
+    check_predict_out(out, overwrite)  # before loading: nothing is done for an --out that cannot take it
+    predictor = Predictor.load(artifact, backend=backend, threads=threads)
+    summary = write_predictions(predictor, files, out, batch_size=batch_size, overwrite=overwrite,
+                                keep_going=keep_going)
+    failed = summary.get("failed", [])
+    for item in failed:
+        click.echo(f"failed: {item['file']}: {item['error']}", err=True)
     click.echo(f"{len(summary['predictions'])} image(s) -> {out} ({predictor.task}, {predictor.backend})")
+    if failed:
+        raise DataError(f"{len(failed)} of {len(files)} image(s) failed (listed above); the "
+                        f"{len(summary['predictions'])} others are in {out}")

@@ -52,8 +52,12 @@ class Predictor:
         """Open an artifact folder. `backend`: auto | onnxruntime | openvino | tensorrt.
 
         With `verify` (default) every file is checked against SHA256SUMS first; a corrupted or
-        tampered file raises `ArtifactError` naming it.
+        tampered file raises `ArtifactError` naming it. `threads`: engine threads (None or 0: its default).
         """
+        if threads is not None and threads < 0:
+            from mirage_edge.errors import ConfigError
+
+            raise ConfigError(f"threads must be >= 0 (0 = the engine's default), got {threads}")
         d = Path(artifact_dir)
         meta = load_verified_meta(d) if verify else read_meta(d)
         engine = open_backend(model_file(d, meta.format, meta.files), meta.format, backend, threads=threads,

@@ -2,6 +2,11 @@
 
 Torch is imported inside the command bodies only (so `--help` stays torch-free). Under torchrun
 (`torchrun --nproc-per-node N -m mirage_edge.cli train ...`) the same commands run DDP.
+
+A run folder that cannot be written (a file, read-only, full disk) is refused before any work; a write
+that fails later stops the run with a one-line error naming the file. A run is complete when its
+metrics.jsonl ends with the 'summary' record (finetune with test=true: and test_metrics.json exists);
+checkpoints are written atomically, so an incomplete run resumes with `--resume auto`.
 """
 from __future__ import annotations
 
@@ -10,6 +15,38 @@ import click
 from mirage_edge import config as C
 
 _OVERRIDES_HELP = "Extra settings as key=value (e.g. loop.epochs=5 optim.lr=3e-4), applied last."
+
+
+def _check_out(out_dir: str) -> None:
+    """Refuse a run folder that cannot be written (a file, read-only, full) before any work."""
+    from mirage_edge._io import check_output_dir
+
+    check_output_dir(out_dir, "--out")
+
+
+def _incomplete(out_dir: str) -> str:
+    return (f"; the run in {out_dir} is incomplete (its metrics.jsonl has no 'summary' record): "
+            "resume it with --resume auto once the folder can be written")
+
+
+def _check_patch_multiple(model_name: str, checkpoint: str, overrides: dict, image_size: int) -> None:
+    """A registered MIRAGE size takes only image sizes that are a multiple of its patch: refuse another
+    one before the data is read. (A checkpoint's patch is known once it is read; its build checks it.)"""
+    from mirage_edge.errors import ConfigError
+    from mirage_edge.models.config import SIZES, size_config
+
+    if checkpoint or model_name not in SIZES:
+        return
+    try:
+        patch = size_config(model_name, **{k: v for k, v in overrides.items() if k != "input_size"}).patch_size
+    except ConfigError:
+        return  # bad model.overrides: the model build names them
+    ph, pw = patch.get("bscan") or patch.get("slo") or (0, 0)
+    if ph and (image_size % ph or image_size % pw):
+        lower, upper = image_size // ph * ph, (image_size // ph + 1) * ph
+        hint = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ConfigError(f"image_size {image_size} is not a multiple of the {ph}x{pw} patch of {model_name}; "
+                          f"use e.g. {hint}")
 
 
 def _common(f):
@@ -50,9 +87,13 @@ def pretrain_cmd(config_file, device, precision, out_dir, resume, data_dir, mode
     cfg = C.load(PretrainConfig, config_file, overrides, sets={
         "loop.device": device, "loop.precision": precision, "out_dir": out_dir, "data.dir": data_dir,
         "model.name": model_name, "model.checkpoint": checkpoint})
+    from mirage_edge._io import output_errors
+
+    _check_out(cfg.out_dir)
     from mirage_edge.train.pretrain import run_pretrain
 
-    run_pretrain(cfg, resume=resume)
+    with output_errors(cfg.out_dir, _incomplete(cfg.out_dir)):
+        run_pretrain(cfg, resume=resume)
 
 
 @train.command("finetune")
@@ -80,9 +121,14 @@ def finetune_cmd(config_file, device, precision, out_dir, resume, task, data_dir
         "task": task, "data": data_dir, "loop.device": device, "loop.precision": precision,
         "out_dir": out_dir, "model.name": model_name, "model.checkpoint": checkpoint,
         "model.config": model_config, "mode": mode, "pool": pool})
+    from mirage_edge._io import output_errors
+
+    _check_patch_multiple(cfg.model.name, cfg.model.checkpoint, dict(cfg.model.overrides), cfg.image_size)
+    _check_out(cfg.out_dir)
     from mirage_edge.train.finetune import run_finetune
 
-    run_finetune(cfg, resume=resume)
+    with output_errors(cfg.out_dir, _incomplete(cfg.out_dir)):
+        run_finetune(cfg, resume=resume)
 
 
 __all__ = ["train"]
