@@ -55,10 +55,11 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = None,
-                 input_size: int | None = None, device: str = "cpu") -> Runner:
+                 input_size: int | None = None, device: str = "cpu", head: dict[str, Any] | None = None) -> Runner:
     """A checkpoint folder (trained weights; FP32 or QAT student; a run folder's best/) or a
-    registered model name (random weights + a fresh task head of `task_kind` with `num_classes`
-    classes, built for `input_size`)."""
+    registered model name (seeded random weights + a fresh task head of `task_kind` with
+    `num_classes` classes and `head` options, built for `input_size`: the same module, weights
+    hash included, as the bench's own export of that name, `mirage_edge.bench.deploy`)."""
     path = Path(source)
     if path.exists() or "/" in source or source.startswith("."):
         path = _resolve_checkpoint(path)
@@ -77,28 +78,28 @@ def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = 
             return load_model(path)
 
         spec = _preprocess_from_config(cfg, None)
-        return MirageTorchRunner(build, task_kind=kind, classes=classes, spec=spec, weights="trained",
-                                 files=sorted(path.glob("*.safetensors")), device=device,
-                                 notes="QAT fake-quant model in PyTorch" if qat else "")
-
-    from mirage_edge.models import create_model
+        runner = MirageTorchRunner(build, task_kind=kind, classes=classes, spec=spec, weights="trained",
+                                   files=sorted(path.glob("*.safetensors")), device=device,
+                                   notes="QAT fake-quant model in PyTorch" if qat else "")
+        runner.base_model = str((cfg.get("meta") or {}).get("model_name") or path)
+        return runner
 
     kind = task_kind or "cls"
     k = int(num_classes or 2)
     size = int(input_size or 512)
 
     def build_registry() -> Any:
-        from mirage_edge.models.task import classification_model, segmentation_model
+        from mirage_edge.export.registered import registered_model
 
-        kwargs: dict[str, Any] = {"input_size": size}
-        if source.startswith("mirage"):
-            kwargs.update(in_domains=["bscan"], out_domains=[])
-        encoder = create_model(source, **kwargs)
-        return segmentation_model(encoder, k) if kind == "seg" else classification_model(encoder, k)
+        task = "segmentation" if kind == "seg" else "classification"
+        return registered_model(source, task=task, num_classes=k, head=head, random_weights=True,
+                                input_size=(size, size), hash_weights=False).model
 
-    return MirageTorchRunner(build_registry, task_kind=kind, classes=[str(i) for i in range(k)], spec=None,
-                             weights="random", device=device, notes=f"random weights, {'ConvNeXt seg' if kind == 'seg' else 'linear'}"
-                             f" head ({k} classes)")
+    runner = MirageTorchRunner(build_registry, task_kind=kind, classes=[str(i) for i in range(k)], spec=None,
+                               weights="random", device=device, notes=f"random weights (seeded), "
+                               f"{'ConvNeXt seg' if kind == 'seg' else 'linear'} head ({k} classes)")
+    runner.base_model = source
+    return runner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +141,12 @@ class ArtifactRunner(Runner):
         self._runtime_device = index if backend == "tensorrt" else None
         q = self.meta.quantization
         self.notes = f"{self.meta.format} artifact" + (f", {q.method}" if q else "")
+        out = self.meta.outputs[0]
+        stride = int((self.meta.export_target or {}).get("seg_mask_stride", 1) or 1)
+        self.output = f"mask@{stride}" if out.kind == "mask" else out.kind
+        self.base_model = self.meta.source.model_name
+        if "random" in str(self.meta.build.get("weights", "")):  # a registered model exported for timing
+            self.weights = "random"
         self.quantized_share = q.quantized_share if q is not None and self.precision == "int8" else None
         if self.meta.format == "openvino" or backend == "openvino":
             hint = (self.meta.runtime.get("openvino") or {}).get("INFERENCE_PRECISION_HINT")

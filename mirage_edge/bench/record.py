@@ -49,6 +49,10 @@ class BenchRecord:
     input_w: int = 0
     task: str = ""                  # task name from the suite ("" = latency only)
     task_kind: str = ""             # cls | seg
+    # output contract of one call: logits (full K x H x W or K) | mask@S (class mask, argmax at stride S)
+    # | features | "" (unknown); speed-ups are compared between rows of the same contract
+    output: str = ""
+    base_model: str = ""            # registered model / checkpoint the row was built from (artifacts: metadata)
     # outcome
     status: str = "ok"
     error: str = ""

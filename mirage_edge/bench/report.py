@@ -10,7 +10,8 @@ from typing import Any, Iterable
 
 from mirage_edge._io import atomic_path, atomic_write_text
 from mirage_edge.bench.hardware import HardwareInfo
-from mirage_edge.bench.record import CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, BenchRecord, is_teacher_reference
+from mirage_edge.bench.record import (CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, SOURCE_BACKENDS, BenchRecord,
+                                      is_teacher_reference)
 
 Key = tuple[str, int, int, int]  # task, threads, batch, input size
 
@@ -68,6 +69,63 @@ def _fastest(rows: list[BenchRecord]) -> BenchRecord | None:
     return min(rows, key=lambda r: r.latency_median_ms) if rows else None  # type: ignore[arg-type,return-value]
 
 
+# A teacher deployment counts when its metric is within this of the teacher's PyTorch FP32 metric.
+DEPLOYMENT_TOLERANCE = 0.01  # 1 point of Dice / BAcc
+
+
+def deployments(rows: Iterable[BenchRecord], fp32: BenchRecord | None) -> list[BenchRecord]:
+    """Rows (of one model) that count as its deployments: ok, timed, and - when `fp32` (its PyTorch
+    FP32 row) has a metric - with a metric within `DEPLOYMENT_TOLERANCE` of it. Without a metric
+    (random weights) every timed row counts: latency only."""
+    ok = [r for r in rows if r.ok and r.latency_median_ms]
+    if fp32 is None or fp32.primary_value is None:
+        return ok
+    floor = fp32.primary_value - DEPLOYMENT_TOLERANCE - 1e-9
+    return [r for r in ok if r.primary_value is not None and r.primary_value >= floor]
+
+
+def best_deployment(rows: list[BenchRecord], output: str = "") -> tuple[BenchRecord | None, bool]:
+    """(fastest row, same contract): the fastest row whose output contract is `output` when one
+    exists (the comparison is then like for like), else the fastest row of any contract."""
+    same = [r for r in rows if output and r.output == output]
+    best = _fastest(same) or _fastest(rows)
+    return best, bool(same)
+
+
+def describe_output(output: str) -> str:
+    """'full logits' / 'class mask (argmax at stride 4)' for a record's `output`."""
+    if output == "logits":
+        return "full logits"
+    if output.startswith("mask@"):
+        s = output.split("@", 1)[1]
+        return "class mask (argmax at full resolution)" if s == "1" else f"class mask (argmax at stride {s})"
+    if output == "features":
+        return "encoder features"
+    return "output contract unknown"
+
+
+def _p50_min(r: BenchRecord) -> str:
+    return f"p50 {_ms(r.latency_median_ms)} ms, min {_ms(r.latency_min_ms)} ms"
+
+
+def _times(a: BenchRecord, b: BenchRecord, bold: bool = True) -> str:
+    """'**22.1x faster** at p50, 21.9x at min': row a against row b."""
+    x = _speedup(a, b)
+    lo = (b.latency_min_ms / a.latency_min_ms) if a.latency_min_ms and b.latency_min_ms else None
+    if x is None:
+        return "– vs"
+    head = f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
+    tail = "" if lo is None else f", {lo:.1f}x at min"
+    return (f"**{head}**" if bold else head) + f" at p50{tail}"
+
+
+def _contract_note(a: BenchRecord, b: BenchRecord, same: bool) -> str:
+    if same:
+        return f"same output contract: {describe_output(a.output)}"
+    return (f"{describe_output(b.output)}; output contracts differ: the student returns "
+            f"{describe_output(a.output)}")
+
+
 def headline(records: list[BenchRecord]) -> dict[str, Any]:
     """The figures the README quotes, per task, at the smallest batch and first thread count/size.
 
@@ -91,10 +149,103 @@ def headline(records: list[BenchRecord]) -> dict[str, Any]:
         student = _fastest(keeping) or _fastest(int8)
         fp32 = [r for r in rows if r.role == "student" and r.backend == "torch" and r.primary_value is not None]
         twins = [r for r in rows if r.role == "baseline" and r.backend == "torch" and r.primary_value is not None]
+        # the headline: the fastest student artifact against each model's fastest deployment
+        arts = [r for r in rows if r.role == "student" and r.backend not in SOURCE_BACKENDS]
+        kept = [r for r in arts if r.metric_retention is not None and r.metric_retention >= 0.97]
+        art = _fastest(kept) or _fastest(arts)
+        output = art.output if art is not None else ""
+        t_best, t_same = best_deployment(deployments([r for r in rows if r.role == "teacher"], teacher), output)
+        groups: dict[str, list[BenchRecord]] = {}
+        for r in rows:
+            if r.role == "reference":
+                groups.setdefault(r.base_model or r.model, []).append(r)
+        ref_best = {}
+        for name, group in groups.items():
+            torch_row = next((r for r in group if r.backend == "torch"), None)
+            best, same = best_deployment(deployments(group, torch_row), output)
+            if best is not None and any(r.backend not in SOURCE_BACKENDS for r in group):
+                ref_best[name] = dict(fp32=torch_row, best=best, same=same)
         out[task] = dict(batch=batch, threads=threads, size=size, teacher=teacher, teacher_exported=exported,
                          references=refs, student=student, students_fp32=fp32, baselines=twins, student_rule="kept >= 97% of the teacher metric"
-                         if student is not None and student in keeping else "fastest INT8 student (none kept >= 97%)")
+                         if student is not None and student in keeping else "fastest INT8 student (none kept >= 97%)",
+                         student_artifact=art, artifact_rule="kept >= 97% of the teacher metric" if art in kept
+                         else "none kept >= 97% of the teacher metric" if teacher and teacher.primary_value is not None
+                         else "latency only", teacher_best=t_best, teacher_best_same_output=t_same,
+                         reference_best=ref_best)
     return out
+
+
+def headline_comparison(h: dict[str, Any]) -> list[str]:
+    """The headline of one task (markdown): the fastest student artifact vs the teacher's fastest
+    deployment within 1 point of its PyTorch FP32 metric and vs each reference size's fastest
+    deployment (latency only for random weights), with p50 and min and the output contract of
+    both sides; each also vs PyTorch FP32."""
+    a, t, tb = h.get("student_artifact"), h.get("teacher"), h.get("teacher_best")
+    if a is None:
+        return []
+    lines = [f"- **Headline: fastest student artifact `{a.label}`** ({_p50_min(a)}; {describe_output(a.output)}; "
+             f"{h['artifact_rule']})"]
+    if tb is not None:
+        metric = ""
+        if t is not None and t.primary_value is not None:
+            metric = (f"within 1 pt of its PyTorch FP32 {t.primary_metric} ({_f(tb.primary_value, 4)} vs "
+                      f"{_f(t.primary_value, 4)}), ")
+        lines.append(f"  - vs the teacher's fastest deployment {'' if metric else '(no metric: latency only) '}"
+                     f"`{tb.label}` ({metric}{_p50_min(tb)}; {_contract_note(a, tb, h['teacher_best_same_output'])}): "
+                     f"{_times(a, tb)}"
+                     + (f"; vs the teacher in PyTorch FP32 ({describe_output(t.output)}, {_p50_min(t)}): "
+                        f"{_times(a, t, bold=False)}" if t is not None and t is not tb else ""))
+    for name, ref in h.get("reference_best", {}).items():
+        best, fp32 = ref["best"], ref["fp32"]
+        rw = "random weights: latency only" if best.weights == "random" else (
+            f"{best.primary_metric} {_f(best.primary_value, 4)}" if best.primary_value is not None else "no metric")
+        lines.append(f"  - vs `{name}`'s fastest deployment `{best.label}` ({rw}; {_p50_min(best)}; "
+                     f"{_contract_note(a, best, ref['same'])}): {_times(a, best)}"
+                     + (f"; vs `{name}` PyTorch FP32 ({describe_output(fp32.output)}, {_p50_min(fp32)}): "
+                        f"{_times(a, fp32, bold=False)}" if fp32 is not None and fp32 is not best else ""))
+    return lines
+
+
+def headline_summary(h: dict[str, Any]) -> str:
+    """One plain line of the headline (plot subtitle): 'student openvino int8 6.04 ms: 1.6x vs teacher
+    openvino int8 (9.69 ms), 22.1x vs mirage-base openvino int8 (174.0 ms)'. Speed-ups at p50."""
+    a = h.get("student_artifact")
+    if a is None:
+        return ""
+    parts = []
+    refs = h.get("reference_best", {})
+    for best, what in [(h.get("teacher_best"), "teacher's best deployment"),
+                       *((ref["best"], f"{name}'s best deployment") for name, ref in refs.items())]:
+        x = _speedup(a, best)
+        if best is not None and x is not None:
+            parts.append(f"{x:.1f}x vs {what} {best.backend} {best.precision} ({_ms(best.latency_median_ms)} ms)")
+    return f"fastest student artifact {a.label} {_ms(a.latency_median_ms)} ms: " + ", ".join(parts) if parts else ""
+
+
+def best_teacher_rows(records: Iterable[BenchRecord]) -> dict[tuple[Key, str], BenchRecord]:
+    """Per (conditions, output contract): the teacher's fastest deployment within 1 point of its
+    PyTorch FP32 metric, of that contract when one exists (key (k, "") holds the fastest of any)."""
+    records = list(records)
+    teachers = teacher_rows(records)
+    groups: dict[Key, list[BenchRecord]] = {}
+    for r in records:
+        if r.role == "teacher":
+            groups.setdefault(_key(r), []).append(r)
+    out: dict[tuple[Key, str], BenchRecord] = {}
+    for k, group in groups.items():
+        rows = deployments(group, teachers.get(k))
+        for output in {"", *(r.output for r in rows)}:
+            best, _ = best_deployment(rows, output)
+            if best is not None:
+                out[(k, output)] = best
+    return out
+
+
+def _best_teacher_ratio(r: BenchRecord, best: dict[tuple[Key, str], BenchRecord]) -> str:
+    """'3.2x' = the teacher's fastest deployment (same contract when there is one) / this row, at p50."""
+    b = best.get((_key(r), r.output)) or best.get((_key(r), ""))
+    x = _speedup(r, b)
+    return "–" if x is None else f"{x:.1f}x"
 
 
 def headline_lines(records: list[BenchRecord]) -> list[str]:
@@ -103,6 +254,7 @@ def headline_lines(records: list[BenchRecord]) -> list[str]:
         t, e, s = h["teacher"], h["teacher_exported"], h["student"]
         lines.append(f"### Task `{task or '(latency only)'}` — batch {h['batch']}, {h['size']}x{h['size']}, "
                      f"{h['threads']} threads")
+        lines += headline_comparison(h)
         if t:
             lines.append(f"- Teacher, {t.label}: **{_ms(t.latency_median_ms)} ms** median"
                          + (f", {t.primary_metric} {_f(t.primary_value, 4)}" if t.primary_value is not None else ""))
@@ -146,16 +298,18 @@ def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list
     metrics = [m for m in (*CLS_METRICS, *SEG_METRICS) if any(getattr(r, m) is not None for r in records)]
     if not metrics:
         metrics = [PRIMARY_METRIC[k] for k in sorted(kinds) if k in PRIMARY_METRIC]
-    head = (["model", "role", "backend", "precision", "int8 ops", "threads", "batch", "input", "median ms", "p90",
-             "p99", "max", "n", "latency / teacher", "img/s", "load s", "peak RSS MB", "size MB", "params M", "GFLOPs"]
-            + metrics + ["retention", "agree", "notes"])
+    head = (["model", "role", "backend", "precision", "int8 ops", "output", "threads", "batch", "input", "median ms",
+             "min", "p90", "p99", "max", "n", "latency / teacher", "x best teacher", "img/s", "load s", "peak RSS MB",
+             "size MB", "params M", "GFLOPs"] + metrics + ["retention", "agree", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = best_teacher_rows(records)
     for r in records:
         ratio = latency_ratio(r, teachers)
         ratio_s = "–" if ratio is None else f"{ratio:.3f} ({1 / ratio:.1f}x)" if ratio > 0 else "–"
-        cells = [f"`{r.model}`", r.role, r.backend, r.precision, _share(r), str(r.threads), str(r.batch),
-                 f"{r.input_h}x{r.input_w}", _ms(r.latency_median_ms), _ms(r.latency_p90_ms), _ms(r.latency_p99_ms),
-                 _ms(r.latency_max_ms), str(r.latency_n), ratio_s, _f(r.throughput_ips, 1), _f(r.load_time_s, 2),
+        cells = [f"`{r.model}`", r.role, r.backend, r.precision, _share(r), r.output or "–", str(r.threads),
+                 str(r.batch), f"{r.input_h}x{r.input_w}", _ms(r.latency_median_ms), _ms(r.latency_min_ms),
+                 _ms(r.latency_p90_ms), _ms(r.latency_p99_ms), _ms(r.latency_max_ms), str(r.latency_n), ratio_s,
+                 _best_teacher_ratio(r, best), _f(r.throughput_ips, 1), _f(r.load_time_s, 2),
                  _f(r.peak_rss_mb, 0), _f(r.file_size_mb, 2), _f(r.params_m, 2), _f(r.gflops, 2)]
         cells += [_f(getattr(r, m), 2 if m == "hd95" else 4) for m in metrics]
         cells += [_f(None if r.metric_retention is None else 100 * r.metric_retention, 1) + ("%" if
@@ -199,7 +353,13 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
               "foreground Dice between the two predicted masks (seg).",
               "- Rows with random weights (reference sizes without official weights) are latency-only.",
               "- `latency / teacher`: this row's median / the teacher PyTorch FP32 median for the same task, "
-              "threads, batch and input size, measured in this run.", ""]
+              "threads, batch and input size, measured in this run.",
+              "- `x best teacher`: how much faster this row is (p50) than the teacher's fastest deployment whose "
+              "metric is within 1 point of its PyTorch FP32 metric, of the same output contract (`output`: "
+              "`logits` = full logits, `mask@S` = class mask with the argmax at stride S) when the teacher has one.",
+              "- Headline: the fastest student artifact (keeping >= 97% of the teacher's metric when metrics exist) "
+              "vs the teacher's and each reference size's fastest deployment (reference sizes with random weights: "
+              "latency only), same output contract preferred and stated, and vs PyTorch FP32.", ""]
     lines += ["## Headline", ""] + headline_lines(records)
     ran = [r for r in records if r.status == "ok"]
     for task in dict.fromkeys(r.task for r in ran):
@@ -250,6 +410,7 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
     if not tasks:
         return None
     fig, axes = plt.subplots(len(tasks), 1, figsize=(12, 5.6 * len(tasks)), squeeze=False)
+    heads = headline(records)
     colors = {"teacher": "tab:red", "student": "tab:blue", "reference": "tab:gray", "candidate": "tab:green"}
     markers = {"fp32": "o", "bf16": "D", "fp16": "D", "int8": "s"}
     for ax, task in zip(axes[:, 0], tasks):
@@ -294,7 +455,17 @@ def plot_pareto(records: list[BenchRecord], path: str | Path) -> Path | None:
         ax.set_ylim(lo - pad, hi + pad)  # type: ignore[operator]
         ax.set_xlabel(f"median latency, ms (batch {batch}, {size}x{size}, {threads} threads; log scale)")
         ax.set_ylabel(f"{metric} ({task})")
-        ax.set_title(f"{task}: latency vs {metric} (suite {rows[0].suite})")
+        summary = headline_summary(heads.get(task, {}))
+        if summary:  # the headline, wrapped to the panel's width
+            import textwrap
+
+            summary = "\n".join(textwrap.wrap(f"Headline: {summary} (p50)", 95))
+        ax.set_title(f"{task}: latency vs {metric} (suite {rows[0].suite})" + (f"\n{summary}" if summary else ""),
+                     fontsize=9 if summary else None)
+        best = heads.get(task, {}).get("teacher_best")
+        if best is not None and best.primary_value is not None:  # ring the teacher's best deployment
+            ax.scatter(best.latency_median_ms, best.primary_value, s=260, facecolors="none", edgecolors="tab:red",
+                       linewidths=1.2, zorder=2, label="teacher's fastest deployment (within 1 pt)")
         ax.grid(True, which="both", alpha=0.3)
         ax.text(1.02, 1.0, "\n".join(listing), transform=ax.transAxes, va="top", ha="left", fontsize=8,
                 family="monospace")
@@ -331,14 +502,15 @@ def write_report(records: list[BenchRecord], hw: HardwareInfo, out_dir: str | Pa
 def print_table(records: list[BenchRecord]) -> str:
     """Compact plain-text table for the terminal (the demo's last output)."""
     teachers = teacher_rows(records)
-    head = ["model", "backend", "prec", "b", "input", "median ms", "p90 ms", "x teacher", "metric", "retention",
-            "status"]
+    best = best_teacher_rows(records)
+    head = ["model", "backend", "prec", "output", "b", "input", "median ms", "min ms", "x teacher", "x best teacher",
+            "metric", "retention", "status"]
     rows = [head]
     for r in records:
         ratio = latency_ratio(r, teachers)
-        rows.append([r.model, r.backend or "-", r.precision or "-", str(r.batch), f"{r.input_h}",
-                     _ms(r.latency_median_ms), _ms(r.latency_p90_ms),
-                     "-" if not ratio else f"{1 / ratio:.1f}x",
+        rows.append([r.model, r.backend or "-", r.precision or "-", r.output or "-", str(r.batch), f"{r.input_h}",
+                     _ms(r.latency_median_ms), _ms(r.latency_min_ms),
+                     "-" if not ratio else f"{1 / ratio:.1f}x", _best_teacher_ratio(r, best).replace("–", "-"),
                      f"{r.primary_metric} {_f(r.primary_value, 4)}" if r.primary_value is not None else "-",
                      f"{100 * r.metric_retention:.1f}%" if r.metric_retention is not None else "-",
                      r.status if r.ok else f"{r.status}: {r.error[:60]}"])
@@ -347,4 +519,5 @@ def print_table(records: list[BenchRecord]) -> str:
 
 
 __all__ = ["render_markdown", "plot_pareto", "pareto_front", "write_report", "headline", "headline_lines", "teacher_rows",
-           "latency_ratio", "print_table"]
+           "latency_ratio", "print_table", "headline_comparison", "headline_summary", "best_deployment", "deployments",
+           "best_teacher_rows", "describe_output", "DEPLOYMENT_TOLERANCE"]

@@ -114,8 +114,11 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
 
     forms = [f for f in plan_forms(suite, backends, models)
              if not (f.task and f.task.name in problems and _evaluates(f))]
-    forms.sort(key=lambda f: f.model.role != "teacher")  # teacher first: it anchors every ratio
     classes = {t.name: _task_classes(t) for t in suite.tasks if t.name not in problems}
+    # the deployments the suite asks the bench to build (or reuse from the cache) become artifact forms
+    forms, failed = _resolve_exports(forms, suite, classes, problems, isolated, work, backends, precisions, say)
+    records.extend(BenchRecord(**base, **row) for row in failed)
+    forms.sort(key=lambda f: f.model.role != "teacher")  # teacher first: it anchors every ratio
     preds: dict[int, Path] = {}
     for i, form in enumerate(forms):
         t0 = time.perf_counter()
@@ -127,7 +130,7 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
                      "backend": form.backend, "problem": form.problem, "device": tm.device,
                      "task": _config.to_dict(form.task) if form.task else None,
                      "num_classes": classes.get(form.task.name) if form.task else None,
-                     "input_size": tm.input_sizes[0]},
+                     "input_size": tm.input_sizes[0], "head": form.model.head, "note": form.note},
             "timing": _config.to_dict(tm), "base": base, "eval_batch": suite.eval_batch,
             "evaluate": form.model.evaluate and not (form.task and form.task.name in problems),
             "preds_path": str(pred_path), "isolated": isolated,
@@ -164,9 +167,105 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
     return BenchResult(records, hw, paths)
 
 
+def _resolve_exports(forms: list[Form], suite: BenchSuite, classes: dict[str, int | None],
+                     problems: dict[str, str], isolated: bool, work: Path, backends: list[str] | None,
+                     precisions: list[str] | None, say: Progress) -> tuple[list[Form], list[dict[str, Any]]]:
+    """Replace each `export` form by artifact forms of its target's artifacts, built (or reused from
+    the cache, `mirage_edge.bench.deploy`) at each timed input size. A failed export becomes an
+    error row (stage "export"); a target none of whose artifacts pass --backend/--precision is skipped."""
+    from mirage_edge.bench.deploy import default_cache_dir, job_target
+    from mirage_edge.bench.loaders import RUNTIMES
+    from mirage_edge.errors import MirageEdgeError
+
+    out: list[Form] = []
+    failed: list[dict[str, Any]] = []
+    cache = Path(expand(suite.export_cache, suite)).expanduser() if suite.export_cache else default_cache_dir()
+    tm = suite.timing
+    for f in forms:
+        if f.kind != "export":
+            out.append(f)
+            continue
+        m, task = f.model, f.task
+        tname = task.name if task else ""
+        src = expand(m.checkpoint, suite, tname) if m.checkpoint else m.registry
+        for size in tm.input_sizes:
+            job = {"label": m.label, "source_kind": "checkpoint" if m.checkpoint else "registry", "source": src,
+                   "task_kind": task.kind if task else "", "num_classes": classes.get(tname), "head": m.head,
+                   "target": f.source, "sets": list(m.export_set), "input_size": size,
+                   "calib": task.path if m.checkpoint and task and tname not in problems else None,
+                   "cache": str(cache)}
+            row = dict(model=m.label, role=m.role, source=f"{src} -> {f.source}", task=tname,
+                       task_kind=task.kind if task else "", threads=tm.threads[0], input_h=size, input_w=size,
+                       status="error", stage="export")
+            try:
+                target = job_target(job)  # torch-free: filter before minutes of export work
+            except MirageEdgeError as exc:
+                failed.append({**row, "error": f"{type(exc).__name__}: {exc}"[:800]})
+                continue
+            allowed = allowed_backends(f, backends)
+            wanted = [(fmt, p) for fmt, p in target.combos()
+                      if (allowed is None or set(RUNTIMES.get(fmt, ())) & allowed)
+                      and (not precisions or m.role == "teacher" or p in precisions)]
+            if not wanted:
+                continue
+            t0 = time.perf_counter()
+            say(f"export {m.label}: {src} -> {target.name} at {size}x{size} (cache {cache})")
+            stem = work / f"export_{_slug(m.label)}_{_slug(tname)}_{size}_{_slug(Path(f.source).stem)}"
+            res = _run_export(job, stem, tm.row_timeout_s, tm.threads[0], tm.omp_wait_policy) if isolated \
+                else _export_in_process(job, say)
+            if "error" in res:
+                say(f"    export failed: {res['error']}")
+                failed.append({**row, "error": str(res["error"])[:800]})
+                continue
+            r = res["result"]
+            how = "reused from the cache" if r["reused"] else f"built in {r['seconds']:.0f} s"
+            say(f"    {how}: {r['folder']} ({time.perf_counter() - t0:.1f} s)")
+            note = (f"exported by the bench from {src} ({r['weights']} weights) to {target.name}, {how} "
+                    f"(cache key {r['key']})")
+            runtimes = [b for b in m.backends if b in ("onnxruntime", "openvino", "tensorrt")] or [""]
+            combos = {f"{fmt}-{p}" for fmt, p in wanted}
+            out.extend(Form(m, "artifact", d, task, backend=b, note=note)
+                       for d in r["artifacts"] if Path(d).name in combos for b in runtimes)
+    return out, failed
+
+
+def _export_in_process(job: dict[str, Any], say: Progress) -> dict[str, Any]:
+    from mirage_edge.bench.deploy import build_or_reuse
+
+    try:
+        return {"result": build_or_reuse(job, log=lambda m: say(f"    {m}"))}
+    except Exception as exc:  # noqa: BLE001 - a failed export is an error row, the suite goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _run_export(job: dict[str, Any], stem: Path, timeout: float, threads: int,
+                omp_wait_policy: str = "") -> dict[str, Any]:
+    """`python -m mirage_edge.bench.deploy` in a fresh interpreter (torch, NNCF and the exporters stay
+    out of the bench process; a native crash is an error row)."""
+    from mirage_edge.bench.runners import cpu_threads_env
+
+    spec_path, out_path = stem.with_suffix(".spec.json"), stem.with_suffix(".out.json")
+    out_path.unlink(missing_ok=True)
+    atomic_write_text(spec_path, json.dumps(job))
+    env = cpu_threads_env(threads, omp_wait_policy)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mirage_edge.bench.deploy", str(spec_path), str(out_path)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"export did not finish within {timeout:.0f} s"}
+    stem.with_suffix(".log").write_text(proc.stderr or "", encoding="utf-8")
+    if out_path.is_file():
+        return json.loads(out_path.read_text(encoding="utf-8"))
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    return {"error": f"export process exited with code {proc.returncode} ({_signal_name(proc.returncode)}): "
+                     + " | ".join(tail)}
+
+
 def _evaluates(form: Form) -> bool:
     """Does this form need its task's data (trained weights, evaluation on)?"""
-    return form.model.evaluate and not (form.kind == "torch" and form.model.registry and not form.model.checkpoint)
+    random = form.kind in ("torch", "export") and form.model.registry and not form.model.checkpoint
+    return form.model.evaluate and not random
 
 
 def _run_isolated(spec: dict[str, Any], stem: Path, timeout: float, threads: int,
@@ -241,9 +340,13 @@ def _join_teacher(records: list[BenchRecord], preds: dict[int, Path]) -> None:
 
 def _fill_descriptive(records: list[BenchRecord]) -> None:
     """Artifacts carry no parameter/FLOP counts: take them from the same model's PyTorch row."""
-    ref = {(r.model, r.input_h): r for r in records if r.backend == "torch" and r.params_m is not None}
+    torch_rows = [r for r in records if r.backend == "torch" and r.params_m is not None]
+    ref = {(r.model, r.input_h): r for r in torch_rows}
+    # a deployment exported by the bench from a registered name (mirage-base-int8) takes that name's row
+    by_base = {(r.base_model, r.input_h): r for r in torch_rows if r.base_model and r.role == "reference"}
     for r in records:
-        src = ref.get((r.model, r.input_h))
+        src = ref.get((r.model, r.input_h)) or (by_base.get((r.base_model, r.input_h)) if r.role == "reference"
+                                                else None)
         if src is None or r is src:
             continue
         if r.params_m is None:

@@ -34,6 +34,10 @@ class Runner:
     classes: list[str] = []
     notes: str = ""
     quantized_share: float | None = None  # int8 artifacts: from their metadata (counted in the file)
+    # what one call returns (the output contract compared across rows): "logits" (B x K [x H x W]
+    # float), "mask@S" (B x H x W class mask, argmax at stride S), "features", "" unknown
+    output: str = ""
+    base_model: str = ""            # the registered model / checkpoint behind the row (groups deployments)
 
     def load(self, threads: int) -> None:
         """(Re)build the model/session using `threads` threads. Timed as the row's load time."""
@@ -110,6 +114,7 @@ class TorchRunner(Runner):
         self._files = list(files or [])
         self._input_size = input_size
         self.notes = notes
+        self.output = {"seg": "logits", "cls": "logits", "encoder": "features"}.get(task_kind, "")
         self.module: Any = None
 
     def load(self, threads: int) -> None:

@@ -1,18 +1,20 @@
 """Benchmark suites: typed, strict TOML (`benchmarks/suites/*.toml`) -> `BenchSuite`, and the row plan.
 
-A suite names tasks (datasets to evaluate on) and models. A model has up to three *forms*, each
+A suite names tasks (datasets to evaluate on) and models. A model has up to four *forms*, each
 benchmarked as its own row(s): a PyTorch module (`checkpoint` folder or `registry` name, random
-weights when no checkpoint), exported `artifacts` (folders or globs; one row each), or a custom
-`factory` ("module:function" returning a `Runner`). Every form is timed at each (threads, batch,
-input size) of `[timing]` and evaluated once on each of its tasks. Paths may use `{root}` (runs
-folder, `--root`), `{data}` (datasets folder, `--data`) and `{task}` (the task's name). Torch-free.
+weights when no checkpoint), exported `artifacts` (folders or globs; one row each), artifacts the
+bench `export`s itself from that module (export target names; built once, cached, see
+`mirage_edge.bench.deploy`), or a custom `factory` ("module:function" returning a `Runner`). Every
+form is timed at each (threads, batch, input size) of `[timing]` and evaluated once on each of its
+tasks. Paths may use `{root}` (runs folder, `--root`), `{data}` (datasets folder, `--data`) and
+`{task}` (the task's name). Torch-free.
 """
 from __future__ import annotations
 
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mirage_edge import config as _config
 from mirage_edge.errors import ConfigError
@@ -84,6 +86,12 @@ class ModelSpec:
     registry: str = ""            # registered model name; random weights unless `checkpoint` is set
     artifacts: list[str] = field(default_factory=list)  # artifact folders or globs
     factory: str = ""             # "module:function" -> Runner (custom backends, tests)
+    # export targets (names in export/targets/ or paths) the bench builds from `checkpoint` or `registry`
+    # (a registry name: seeded random weights + a fresh head of the task's kind and classes), cached by
+    # weights hash + target; `export_set` = target overrides ("seg_argmax=true", "seg_mask_stride=4")
+    export: list[str] = field(default_factory=list)
+    export_set: list[str] = field(default_factory=list)
+    head: dict[str, Any] = field(default_factory=dict)  # registry rows: task head options (default official)
     tasks: list[str] = field(default_factory=list)      # empty: every task of the suite
     backends: list[str] = field(default_factory=list)   # empty: every backend its forms offer
     evaluate: bool = True         # False: latency-only rows (random weights never evaluate)
@@ -91,6 +99,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not (self.checkpoint or self.registry or self.artifacts or self.factory):
             raise ValueError(f"model {self.label!r} needs one of checkpoint, registry, artifacts or factory")
+        if self.export and not (self.checkpoint or self.registry):
+            raise ValueError(f"model {self.label!r}: export needs a checkpoint or registry to export from")
+        if self.export_set and not self.export:
+            raise ValueError(f"model {self.label!r}: export_set without export targets")
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
             raise ValueError(f"model {self.label!r}: unknown backend(s) {bad}; choose from {list(BACKENDS)}")
@@ -106,6 +118,8 @@ class BenchSuite:
     data: str = "data"
     timing: TimingConfig = field(default_factory=TimingConfig)
     eval_batch: int = 4
+    # where the artifacts of models' `export` targets are cached ("" = $MIRAGE_EDGE_HOME/cache/bench-artifacts)
+    export_cache: str = ""
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
@@ -155,11 +169,12 @@ class Form:
     """One benchmarkable thing: a model in one form (torch module / artifact folder / factory)."""
 
     model: ModelSpec
-    kind: Literal["torch", "artifact", "factory"]
-    source: str                   # folder, registry name or "module:function"
+    kind: Literal["torch", "artifact", "factory", "export"]  # export: becomes artifact forms once built
+    source: str                   # folder, registry name, "module:function" or (export) the target
     task: TaskSpec | None
     backend: str = ""             # "" = decided when loaded (artifacts: from metadata)
     problem: str = ""             # non-empty: cannot run (e.g. no artifact matches); becomes an error row
+    note: str = ""                # added to the row's notes (e.g. where a bench export came from)
 
     @property
     def key(self) -> str:
@@ -199,6 +214,7 @@ def plan_forms(suite: BenchSuite, backends: list[str] | None = None, models: lis
                 if not dirs:
                     forms.append(Form(m, "artifact", pat, task, problem=f"no artifact folder matches {pat}"))
                 forms.extend(Form(m, "artifact", d, task, backend=b) for d in dirs for b in runtimes)
+            forms.extend(Form(m, "export", t, task) for t in m.export)
     out = []
     for f in forms:
         allowed = allowed_backends(f, backends)

@@ -48,7 +48,8 @@ def make_runner(form: dict[str, Any]) -> Any:
         from mirage_edge.bench.loaders import torch_runner
 
         return torch_runner(source, task_kind=task.get("kind", ""), num_classes=form.get("num_classes"),
-                            input_size=form.get("input_size"), device=form.get("device", "cpu"))
+                            input_size=form.get("input_size"), device=form.get("device", "cpu"),
+                            head=form.get("head") or None)
     if kind == "artifact":
         from mirage_edge.bench.loaders import artifact_runner
 
@@ -83,8 +84,8 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - every failure must become a row
         return [error_row("load", exc, threads=tm["threads"][0])]
     base.update(backend=runner.backend, precision=runner.precision, weights=runner.weights, device=runner.device,
-                quantized_share=runner.quantized_share,
-                notes="; ".join(n for n in (base.get("notes", ""), runner.notes) if n))
+                quantized_share=runner.quantized_share, output=runner.output, base_model=runner.base_model,
+                notes="; ".join(n for n in (base.get("notes", ""), runner.notes, form.get("note", "")) if n))
     allowed, precisions = spec.get("allowed_backends"), spec.get("allowed_precisions")
     if (allowed is not None and runner.backend not in allowed) or (precisions and runner.precision not in precisions):
         return []  # filtered out by --backend/--precision or the model's backends, now that they are known

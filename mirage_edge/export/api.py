@@ -46,6 +46,7 @@ def export_model(
     name: str = "",
     overwrite: bool = True,
     log: Callable[[str], None] | None = None,
+    build_info: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Export `model` (any nn.Module taking B x 1 x H x W, or a MIRAGE encoder) to validated artifacts.
 
@@ -54,6 +55,8 @@ def export_model(
                 labels for the task metric); None = generated OCT-like images.
     preprocess: the `PreprocessSpec` (size is forced to the export input size); default from
                 the target's [preprocess] table, min-max scaling (after resize for classification).
+    build_info: facts about the weights stored in every artifact's `build` (e.g. a registered
+                model's {"weights": "random (seed 0)", "weights_sha256": ...}).
     Returns the artifact folders `out_dir/<format>-<precision>` in target order. Raises
     `ValidationError` (with the numbers) when an artifact disagrees with torch beyond the target's
     thresholds; nothing is written for that artifact.
@@ -105,8 +108,8 @@ def export_model(
                 numbers = _validate(fmt, prec, plan, target, stage, files, hints, data, ref, ref_metric)
                 say(f"{final.name}: " + ", ".join(f"{k}={v:.6g}" for k, v in numbers.items()
                                                   if isinstance(v, float)))
-                meta = _meta(plan, target, fmt, prec, files, specs, qinfo, {**build, **extra_build}, hints,
-                             numbers, data, source, name)
+                facts = {**(build_info or {}), **build, **extra_build}
+                meta = _meta(plan, target, fmt, prec, files, specs, qinfo, facts, hints, numbers, data, source, name)
                 _embed(fmt, stage, files, meta, work)
                 finalize(stage, meta)
                 results.append(publish(stage, final, overwrite=overwrite))
@@ -391,7 +394,9 @@ def _default_source(model: Any) -> SourceInfo:
     name = spec.get("name") if isinstance(spec, dict) else None
     src = getattr(model, "mirage_edge_source", None)
     path = src.get("path", "") if isinstance(src, dict) else ""
-    return SourceInfo(model_name=str(name or type(model).__name__), checkpoint=str(path))
+    loaded = getattr(model, "mirage_edge_weights", None)  # set when official/checkpoint weights were resolved
+    sha = loaded.get("file_sha256", "") if isinstance(loaded, dict) else ""
+    return SourceInfo(model_name=str(name or type(model).__name__), checkpoint=str(path), checkpoint_sha256=str(sha))
 
 
 def _embed(fmt: str, stage: Path, files: list[str], meta: ArtifactMeta, work: Path) -> None:

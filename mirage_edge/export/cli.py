@@ -13,14 +13,16 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None):
+def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None, *, task: str = "auto",
+                      num_classes: int | None = None, head: dict | None = None, random_weights: bool = False):
     """(model, SourceInfo, classes, preprocess dict) from a checkpoint or a registered model name.
 
     Accepts our checkpoint folders (teacher or distilled student, `meta` in config.json), QAT
     student folders from `mirage-edge distill --qat` (qat.json: rebuilt with its NNCF quantizers,
-    so the export writes their Q/DQ graph), official MIRAGE files, and registry names (random
-    init, for demos). `input_size` rebuilds the model at that size (MIRAGE positional tables are
-    resized explicitly).
+    so the export writes their Q/DQ graph), official MIRAGE files, and registry names (official
+    weights or, with `random_weights`, seeded random ones; with `task` segmentation/classification
+    and `num_classes` a fresh task head, see `mirage_edge.export.registered`). `input_size` rebuilds
+    the model at that size (MIRAGE positional tables are resized explicitly).
     """
     import json
 
@@ -32,10 +34,17 @@ def load_source_model(checkpoint: str, input_size: tuple[int, int] | None = None
     kw = {"input_size": tuple(input_size)} if input_size else {}
     if not p.exists():
         if is_model(checkpoint):
-            from mirage_edge.models import create_model
+            from mirage_edge.export.registered import registered_model
 
-            return create_model(checkpoint, **kw), SourceInfo(model_name=checkpoint), None, None
+            reg = registered_model(checkpoint, task=task, num_classes=num_classes, head=head,
+                                   random_weights=random_weights, input_size=input_size)
+            return reg.model, reg.source, None, None
         raise ConfigError(f"checkpoint not found: {checkpoint} (and it is not a registered model name)")
+    if num_classes is not None or head:
+        raise ConfigError(f"--num-classes / --head build a head on a registered model name; {p} is a checkpoint "
+                          "with its own head (or an encoder: fine-tune it with mirage-edge train)")
+    if random_weights:
+        raise ConfigError(f"--random-weights is for a registered model name; {p} is a checkpoint with its own weights")
     meta: dict = {}
     if p.is_dir() and (p / "qat.json").is_file():
         if input_size:
@@ -100,6 +109,14 @@ def resolve_distill_run(path: Path, precisions: list[str]) -> tuple[Path, str] |
               help="Image folder for INT8 calibration + validation (default: generated images).")
 @click.option("--calib-images", type=int, default=None, help="Number of calibration images.")
 @click.option("--task", type=click.Choice(["auto", "encoder", "classification", "segmentation"]), default=None)
+@click.option("--num-classes", type=int, default=None,
+              help="Registered model name + --task segmentation/classification: classes of the fresh task head.")
+@click.option("--head", "head", multiple=True, metavar="KEY=VALUE",
+              help="Options of that head (default: the official ones), e.g. --head depth=2 --head class_dim=32 "
+                   "(segmentation) or --head pool=cls (classification).")
+@click.option("--random-weights", is_flag=True, default=False,
+              help="Registered model name: export seeded random weights on purpose (timing only; the metadata "
+                   "says so). Without it a name needs its official weights.")
 @click.option("--input-size", type=int, nargs=2, default=None, metavar="H W",
               help="Export at this size (H and W multiples of the model's patch/stride).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -107,12 +124,19 @@ def resolve_distill_run(path: Path, precisions: list[str]) -> tuple[Path, str] |
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True)
 @click.option("--name", default="", help="Artifact name stored in metadata (default: the target name).")
 def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisions: str | None,
-               calib: Path | None, calib_images: int | None, task: str | None, input_size: tuple[int, int] | None,
+               calib: Path | None, calib_images: int | None, task: str | None, num_classes: int | None,
+               head: tuple[str, ...], random_weights: bool, input_size: tuple[int, int] | None,
                overrides: tuple[str, ...], out: Path, name: str) -> None:
     """Export CHECKPOINT (our checkpoint folder, a `distill` output folder, an official MIRAGE file, or a
     registered model name) to validated artifacts: OUT/<format>-<precision>/ with model file(s),
     metadata.json, SHA256SUMS.
+
+    \b
+    A registered name exports like a fine-tuned teacher with --task and --num-classes, e.g.
+      mirage-edge export mirage-base --task segmentation --num-classes 9 --random-weights \\
+          --target teacher-cpu-openvino-int8 --out artifacts/mirage-base
     """
+    from mirage_edge.export.registered import parse_head
     from mirage_edge.export.target import load_target
 
     sets = list(overrides)
@@ -140,7 +164,19 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
     if run is not None:
         logging.getLogger(__name__).info("exporting %s: %s", run[0], run[1])
         checkpoint = str(run[0])
-    model, source, classes, preprocess = load_source_model(checkpoint, input_size)
+    build: dict | None = None
+    from mirage_edge.models import is_model
+
+    if not Path(checkpoint).exists() and is_model(checkpoint):
+        from mirage_edge.export.registered import registered_model
+
+        reg = registered_model(checkpoint, task=tgt.task, num_classes=num_classes, head=parse_head(head),
+                               random_weights=random_weights, input_size=input_size)
+        model, source, classes, preprocess, build = reg.model, reg.source, None, None, reg.build
+    else:
+        model, source, classes, preprocess = load_source_model(
+            checkpoint, input_size, task=tgt.task, num_classes=num_classes, head=parse_head(head),
+            random_weights=random_weights)
     with console.status("exporting...") as status:
         def log(msg: str) -> None:
             status.update(msg)
@@ -148,6 +184,6 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
                 console.log(msg)
 
         dirs = export_model(model, out, tgt, calib=calib, classes=classes, preprocess=preprocess, source=source,
-                            name=name, log=log)
+                            name=name, log=log, build_info=build)
     for d in dirs:
         click.echo(str(d))

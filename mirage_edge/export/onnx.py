@@ -457,20 +457,17 @@ def quantize_nncf_onnx(src: Path, dst: Path, calib: list[dict[str, np.ndarray]],
     """NNCF PTQ on the ONNX graph (produces Q/DQ)."""
     onnx = require("onnx", "INT8 quantization")
     nncf = require("nncf", "INT8 quantization")
-    kw: dict[str, Any] = {"subset_size": sum(next(iter(f.values())).shape[0] for f in calib),
-                          "fast_bias_correction": q.fast_bias_correction}
-    if transformer:
-        kw["model_type"] = nncf.ModelType.TRANSFORMER
-    if q.ignored_patterns:
-        kw["ignored_scope"] = nncf.IgnoredScope(patterns=list(q.ignored_patterns), validate=False)
+    from mirage_edge.export.openvino import nncf_ptq_kwargs
+
+    kw, recipe = nncf_ptq_kwargs(nncf, q, transformer, sum(next(iter(f.values())).shape[0] for f in calib))
     try:
         qm = nncf.quantize(onnx.load(str(src)), nncf.Dataset(calib), **kw)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"NNCF quantization of {src.name} failed: {exc}") from exc
     onnx.save(qm, str(dst))
     n_u8 = finalize_onnx(dst, uint8_activations=True).get("activations_to_uint8", 0)
-    notes = [f"{n_u8} int8 activation Q/DQ pairs stored as uint8 (zero point + 128, same function): "
-             "OpenCV DNN 5.x cannot mix int8 and uint8 activations"] if n_u8 else []
+    notes = [recipe] + ([f"{n_u8} int8 activation Q/DQ pairs stored as uint8 (zero point + 128, same function): "
+                         "OpenCV DNN 5.x cannot mix int8 and uint8 activations"] if n_u8 else [])
     quantized, floating = qdq_summary(dst)
     return QuantizationInfo(
         method="nncf-ptq", calibration_images=kw["subset_size"], op_types_quantized=sorted(quantized),

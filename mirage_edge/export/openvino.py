@@ -31,16 +31,37 @@ def convert(onnx_path: Path) -> Any:
         raise ExportError(f"OpenVINO cannot convert {onnx_path.name}: {exc}") from exc
 
 
+def nncf_ptq_kwargs(nncf: Any, q: QuantConfig, transformer: bool, subset_size: int) -> tuple[dict[str, Any], str]:
+    """Keyword arguments of `nncf.quantize` for the recipe `q` (NNCF 3.4: model_type, subset_size,
+    fast_bias_correction, ignored_scope, advanced_parameters), and a one-line note of the
+    algorithms they switch on (stored in the artifact's quantization notes)."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    kw: dict[str, Any] = {"subset_size": subset_size, "fast_bias_correction": q.fast_bias_correction}
+    adv: dict[str, Any] = {"disable_bias_correction": not q.bias_correction}
+    parts = ["NNCF PTQ, " + ("TRANSFORMER model type" if transformer else "default model type")]
+    if transformer:
+        kw["model_type"] = nncf.ModelType.TRANSFORMER
+        adv["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(convolution=q.smooth_quant_convolution,
+                                                                   matmul=q.smooth_quant_matmul)
+        alphas = [f"{k} alpha {v:g}" for k, v in (("MatMul", q.smooth_quant_matmul),
+                                                  ("Convolution", q.smooth_quant_convolution)) if v >= 0]
+        parts.append(f"SmoothQuant ({', '.join(alphas)})" if alphas else "SmoothQuant off")
+    parts.append(("fast " if q.fast_bias_correction else "full ") + "bias correction" if q.bias_correction
+                 else "bias correction off")
+    if q.ignored_patterns:
+        kw["ignored_scope"] = nncf.IgnoredScope(patterns=list(q.ignored_patterns), validate=False)
+        parts.append(f"ignored scope {list(q.ignored_patterns)}")
+    kw["advanced_parameters"] = AdvancedQuantizationParameters(**adv)
+    return kw, ", ".join(parts)
+
+
 def quantize_nncf(model: Any, calib: list[dict[str, np.ndarray]], q: QuantConfig,
                   transformer: bool) -> tuple[Any, QuantizationInfo]:
     """NNCF post-training INT8 quantization of an ov.Model on `calib` feeds."""
     nncf = require("nncf", "OpenVINO INT8 quantization")
     n = sum(next(iter(f.values())).shape[0] for f in calib)
-    kw: dict[str, Any] = {"subset_size": n, "fast_bias_correction": q.fast_bias_correction}
-    if transformer:
-        kw["model_type"] = nncf.ModelType.TRANSFORMER
-    if q.ignored_patterns:
-        kw["ignored_scope"] = nncf.IgnoredScope(patterns=list(q.ignored_patterns), validate=False)
+    kw, recipe = nncf_ptq_kwargs(nncf, q, transformer, n)
     try:
         qmodel = nncf.quantize(model, nncf.Dataset(calib), **kw)
     except Exception as exc:  # noqa: BLE001
@@ -50,7 +71,7 @@ def quantize_nncf(model: Any, calib: list[dict[str, np.ndarray]], q: QuantConfig
         method="nncf-ptq", calibration_images=n, op_types_quantized=sorted(quantized), float_ops=floating,
         quantized_ops=quantized, activation_type="u8/i8 (NNCF performance preset)", weight_type="i8",
         per_channel=True, symmetric_activations=True, calibration_method="MinMax",
-        model_type="transformer" if transformer else "default",
+        model_type="transformer" if transformer else "default", notes=[recipe],
     )
     return qmodel, info
 

@@ -53,12 +53,24 @@ class QuantConfig:
     # NNCF: "auto" picks TRANSFORMER when the model has attention; ignored_scope = node-name regexes
     model_type: Literal["auto", "transformer", "default"] = "auto"
     ignored_patterns: list[str] = field(default_factory=list)
+    # NNCF bias correction after quantization (AdvancedQuantizationParameters.disable_bias_correction
+    # = not bias_correction); fast_bias_correction picks NNCF's fast variant over the full one.
+    bias_correction: bool = True
     fast_bias_correction: bool = True
+    # NNCF SmoothQuant, applied with the transformer model type only (NNCF 3.4
+    # AdvancedSmoothQuantParameters): alpha per op type, < 0 = off. NNCF's defaults: MatMul 0.95,
+    # Convolution off (MIRAGE's only conv is the patch embedding).
+    smooth_quant_matmul: float = 0.95
+    smooth_quant_convolution: float = -1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.calib_images < 1:
             raise ValueError(f"quantization.calib_images must be >= 1, got {self.calib_images}")
+        for key in ("smooth_quant_matmul", "smooth_quant_convolution"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"quantization.{key} must be <= 1 (a negative value switches it off), "
+                                 f"got {getattr(self, key)}")
 
 
 @dataclass
