@@ -50,3 +50,20 @@ def test_fast_plan_is_small():
     fast, full = DemoPlan.fast(), DemoPlan()
     assert fast.image_size < full.image_size and fast.n_images < full.n_images
     assert full.image_size == 512 and "mirage-large" in full.references
+
+
+def test_kd_gain_line_says_when_the_teacher_is_the_weak_one(tmp_path):
+    import json
+
+    from mirage_edge.bench.demo import _kd_gain_line
+
+    test = {"metric": "dice", "teacher_value": 0.71, "student_value": 0.79, "baseline_value": 0.75,
+            "kd_gain_points": 4.0, "kd_gain_ci95_points": [1.0, 7.0]}
+    (tmp_path / "r.json").write_text(json.dumps({"test": test}))
+    line = _kd_gain_line(tmp_path / "r.json")
+    assert "KD gain +4.00 pts (95% CI +1.00 .. +7.00)" in line and "not converged" in line
+    test.update(teacher_value=0.70, baseline_value=0.72,
+                teacher_weaker_than_baseline="the teacher (dice 0.7000) is weaker than ...")
+    (tmp_path / "r.json").write_text(json.dumps({"test": test}))
+    assert "weaker than" in _kd_gain_line(tmp_path / "r.json")
+    assert _kd_gain_line(tmp_path / "missing.json") == ""
