@@ -31,6 +31,9 @@ _EXTRAS = {
     "openvino": ("openvino", "openvino"),
     "tensorrt": ("tensorrt", "tensorrt"),
     "cuda": ("cuda-python", "tensorrt"),
+    "eyepy": ("eyepy", "vendor"),
+    "pydicom": ("pydicom", "vendor"),
+    "oct_converter": ("oct-converter", "topcon"),
     "cv2": ("opencv-python-headless", "(base install)"),
 }
 

@@ -49,6 +49,23 @@ class DataError(MirageEdgeError):
     """A dataset problem: unreadable image, mask values outside INFO.json, size mismatch, empty split."""
 
 
+class VolumeFormatError(DataError):
+    """An OCT volume file that cannot be read: unknown format, truncated or damaged, or not an OCT scan."""
+
+
+class VolumeShapeError(DataError):
+    """An OCT volume whose B-scans do not form one N x H x W stack (B-scans of different sizes)."""
+
+
+class VoxelSizeError(InputError):
+    """A measurement needs the voxel size in mm, and the volume has none (or an invalid one)."""
+
+
+class MeasurementError(InputError):
+    """A model whose task or classes do not fit the requested measurement (e.g. fluid volume from a
+    layer model)."""
+
+
 class ExportError(MirageEdgeError):
     """An export step failed (conversion, quantization, engine build)."""
 

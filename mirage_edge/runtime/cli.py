@@ -1,4 +1,8 @@
-"""`mirage-edge predict ARTIFACT IMAGES... --out DIR` (torch-free, like the whole runtime)."""
+"""`mirage-edge predict ARTIFACT IMAGES... --out DIR` (torch-free, like the whole runtime).
+
+One OCT volume (a Heidelberg .vol / .E2E / HEYEX XML export, a Topcon .fds, a DICOM OCT, or with
+--volume a folder of B-scans) is predicted as a whole and measured (`mirage_edge.runtime.volume`).
+"""
 from __future__ import annotations
 
 import json
@@ -59,7 +63,8 @@ def _overlay(image, mask, alpha: float = 0.45):
 
 
 # What `predict` writes into --out: --overwrite removes these (and nothing else) before a new run.
-PREDICT_OUTPUTS = ("predictions.json", "predictions.csv", "features.npy", "masks", "overlays")
+PREDICT_OUTPUTS = ("predictions.json", "predictions.csv", "features.npy", "masks", "overlays",
+                   "measurements.json", "maps")
 COMPLETE_MARKER = "predictions.json"  # written last: a folder without it holds an unfinished run
 
 
@@ -198,6 +203,94 @@ def write_predictions(predictor, files: list[Path], out: Path, batch_size: int =
     return summary
 
 
+def is_volume_input(images: tuple[str, ...], volume_flag: bool) -> bool:
+    """True when `predict` runs in volume mode: --volume, or one input that is a vendor file, a DICOM
+    or a HEYEX XML export (an image folder stays a set of images unless --volume says otherwise)."""
+    from mirage_edge.data.vendor import detect_format
+    from mirage_edge.errors import ConfigError, MirageEdgeError
+
+    if volume_flag:
+        if len(images) != 1:
+            raise ConfigError(f"--volume takes one volume (a file or a folder of its B-scans), got {len(images)} "
+                              "inputs; predict them one at a time into separate --out folders")
+        return True
+    if len(images) != 1:
+        return False
+    try:
+        return detect_format(images[0]) != "image-folder"
+    except MirageEdgeError:  # a missing file or a plain image: the image path says what is wrong
+        return False
+
+
+def predict_volume_cmd(artifact: Path, source: str, out: Path, *, overwrite: bool, keep_going: bool, backend: str,
+                       threads: int | None, batch_size: int, measure: str, voxel_size: tuple[float, ...] | None,
+                       fovea: tuple[float, float] | None) -> None:
+    """The volume mode of `predict`: read, check the measurement plan, predict with a progress bar,
+    write masks/, maps/ and measurements.json (last) into `out`."""
+    import sys
+
+    from mirage_edge._io import output_errors
+    from mirage_edge._log import quiet
+    from mirage_edge.data.vendor import read_volume
+    from mirage_edge.data.volume import VoxelSize
+    from mirage_edge.errors import DataError
+    from mirage_edge.runtime.predictor import Predictor
+    from mirage_edge.runtime.volume import RECORD_FILE, plan_measures, predict_volume
+
+    check_predict_out(out, overwrite)
+    volume = read_volume(source, VoxelSize(*voxel_size) if voxel_size else None)
+    predictor = Predictor.load(artifact, backend=backend, threads=threads)
+    plan_measures(predictor.task, predictor.classes, measure, volume.voxel_size)  # before minutes of inference
+    n = len(volume)
+    bar_file = _Null() if quiet() else sys.stderr
+    with click.progressbar(length=n, label=f"predicting {n} B-scans", file=bar_file, show_pos=True) as bar:
+        done = [0]
+
+        def step(k: int, total: int) -> None:
+            bar.update(k - done[0])
+            done[0] = k
+
+        result = predict_volume(predictor, volume, batch_size=batch_size, measure=measure, fovea=fovea,
+                                keep_going=keep_going, progress=step)
+    with output_errors(out, f"; {out} is incomplete (it has no {RECORD_FILE})"):
+        _clear_previous(out)
+    record = result.save(out)
+    for item in result.failed:
+        click.echo(f"failed: B-scan {item['index']} ({item['name']}): {item['error']}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"{n} B-scan(s) of {source} -> {out} ({predictor.backend}, {result.seconds:.1f} s)"
+               f"{_headline(record)}")
+    if result.failed:
+        raise DataError(f"{len(result.failed)} of {n} B-scan(s) failed (listed above); the "
+                        f"{n - len(result.failed)} others are measured in {out / RECORD_FILE}")
+
+
+class _Null:
+    """A file that swallows the progress bar under -q."""
+
+    def write(self, _: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _headline(record: dict) -> str:
+    parts = []
+    fluid = record.get("fluid") or {}
+    if fluid.get("volume_mm3"):
+        parts.append(f"fluid {fluid['volume_mm3']['total']:.4f} mm^3")
+    etdrs = (record.get("thickness") or {}).get("etdrs") or {}
+    central = etdrs.get("means", {}).get("total_retina", {}).get("central")
+    if central is not None:
+        parts.append(f"central subfield thickness {central:.0f} um")
+    return ": " + ", ".join(parts) if parts else ""
+
+
 @click.command("predict")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
@@ -211,17 +304,32 @@ def write_predictions(predictor, files: list[Path], out: Path, batch_size: int =
               type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]))
 @click.option("--threads", type=int, default=None, help="Inference threads (default or 0: the engine's).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--volume", "volume_flag", is_flag=True,
+              help="Take the one input (a folder of B-scans) as one OCT volume; vendor files and DICOM are "
+                   "volumes without it.")
+@click.option("--voxel-size", type=float, nargs=3, default=None, metavar="AXIAL LATERAL SPACING",
+              help="Voxel size in mm (B-scan row, A-scan, between B-scans); overrides the file's, needed for "
+                   "an image folder.")
+@click.option("--measure", type=click.Choice(["auto", "layers", "fluid", "none"]), default="auto",
+              show_default=True, help="Volume measurements: layer thickness + ETDRS grid, fluid volume, or none.")
+@click.option("--fovea", type=float, nargs=2, default=None, metavar="BSCAN ASCAN",
+              help="Centre of the ETDRS grid (B-scan and A-scan index); default: the thickness minimum.")
 def predict_cmd(artifact: Path, images: tuple[str, ...], out: Path, overwrite: bool, keep_going: bool,
-                backend: str, threads: int | None, batch_size: int) -> None:
-    """Run an exported ARTIFACT on IMAGES (files or folders).
+                backend: str, threads: int | None, batch_size: int, volume_flag: bool,
+                voxel_size: tuple[float, ...] | None, measure: str, fovea: tuple[float, float] | None) -> None:
+    """Run an exported ARTIFACT on IMAGES (files or folders), or on one OCT volume.
 
     \b
     classification: predictions.csv + predictions.json (class probabilities)
     segmentation:   masks/<name>.png (class index per pixel, original size), overlays/<name>.png, JSON
     encoder:        features.npy + predictions.json
+    volume:         masks/<bscan>.png, maps/*.png (thickness with the ETDRS grid, fluid), measurements.json
 
-    predictions.json is written last: an --out without it holds an unfinished run. With --keep-going
-    it lists the images that failed under "failed".
+    A volume is a Heidelberg .vol / .E2E / HEYEX XML export, a Topcon .fds, a DICOM OCT file, or a folder
+    of B-scans with --volume (pip install "mirage-edge[vendor]" for the vendor formats).
+
+    predictions.json (measurements.json for a volume) is written last: an --out without it holds an
+    unfinished run. With --keep-going it lists the images (B-scans) that failed under "failed".
     """
     from mirage_edge.errors import ConfigError, DataError
     from mirage_edge.runtime.predictor import Predictor
@@ -230,6 +338,16 @@ def predict_cmd(artifact: Path, images: tuple[str, ...], out: Path, overwrite: b
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if threads is not None and threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0 = the engine's default), got {threads}")
+    if is_volume_input(images, volume_flag):
+        predict_volume_cmd(artifact, images[0], out, overwrite=overwrite, keep_going=keep_going, backend=backend,
+                           threads=threads, batch_size=batch_size, measure=measure, voxel_size=voxel_size,
+                           fovea=fovea)
+        return
+    given = [flag for flag, v in (("--voxel-size", voxel_size), ("--fovea", fovea),
+                                  ("--measure", measure != "auto")) if v]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to one OCT volume: add --volume to take the folder as one "
+                          "volume, or leave them out to predict separate images")
     files = _expand(images)
     check_predict_out(out, overwrite)  # before loading: nothing is done for an --out that cannot take it
     predictor = Predictor.load(artifact, backend=backend, threads=threads)
