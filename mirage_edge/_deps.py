@@ -33,6 +33,7 @@ _EXTRAS = {
     "cuda": ("cuda-python", "tensorrt"),
     "eyepy": ("eyepy", "vendor"),
     "pydicom": ("pydicom", "vendor"),
+    "jinja2": ("jinja2", "vendor"),
     "oct_converter": ("oct-converter", "topcon"),
     "cv2": ("opencv-python-headless", "(base install)"),
 }

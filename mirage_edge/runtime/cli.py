@@ -64,7 +64,7 @@ def _overlay(image, mask, alpha: float = 0.45):
 
 # What `predict` writes into --out: --overwrite removes these (and nothing else) before a new run.
 PREDICT_OUTPUTS = ("predictions.json", "predictions.csv", "features.npy", "masks", "overlays",
-                   "measurements.json", "maps")
+                   "measurements.json", "maps", "report.html")
 COMPLETE_MARKER = "predictions.json"  # written last: a folder without it holds an unfinished run
 
 
@@ -224,9 +224,9 @@ def is_volume_input(images: tuple[str, ...], volume_flag: bool) -> bool:
 
 def predict_volume_cmd(artifact: Path, source: str, out: Path, *, overwrite: bool, keep_going: bool, backend: str,
                        threads: int | None, batch_size: int, measure: str, voxel_size: tuple[float, ...] | None,
-                       fovea: tuple[float, float] | None) -> None:
+                       fovea: tuple[float, float] | None, report: bool = True) -> None:
     """The volume mode of `predict`: read, check the measurement plan, predict with a progress bar,
-    write masks/, maps/ and measurements.json (last) into `out`."""
+    write masks/, maps/, report.html (unless not `report`) and measurements.json (last) into `out`."""
     import sys
 
     from mirage_edge._io import output_errors
@@ -238,6 +238,10 @@ def predict_volume_cmd(artifact: Path, source: str, out: Path, *, overwrite: boo
     from mirage_edge.runtime.volume import RECORD_FILE, plan_measures, predict_volume
 
     check_predict_out(out, overwrite)
+    if report:  # jinja2 (extra vendor) is missing: say so now, not after minutes of inference
+        from mirage_edge.runtime.report import check_dependencies
+
+        check_dependencies()
     volume = read_volume(source, VoxelSize(*voxel_size) if voxel_size else None)
     predictor = Predictor.load(artifact, backend=backend, threads=threads)
     plan_measures(predictor.task, predictor.classes, measure, volume.voxel_size)  # before minutes of inference
@@ -254,13 +258,18 @@ def predict_volume_cmd(artifact: Path, source: str, out: Path, *, overwrite: boo
                                 keep_going=keep_going, progress=step)
     with output_errors(out, f"; {out} is incomplete (it has no {RECORD_FILE})"):
         _clear_previous(out)
-    record = result.save(out)
+    write_report = None
+    if report:
+        from mirage_edge.runtime.report import write_report
+    record = result.save(out, report=write_report)
     for item in result.failed:
         click.echo(f"failed: B-scan {item['index']} ({item['name']}): {item['error']}", err=True)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"{n} B-scan(s) of {source} -> {out} ({predictor.backend}, {result.seconds:.1f} s)"
                f"{_headline(record)}")
+    if record["outputs"].get("report"):
+        click.echo(f"report: {out / record['outputs']['report']}")
     if result.failed:
         raise DataError(f"{len(result.failed)} of {n} B-scan(s) failed (listed above); the "
                         f"{n - len(result.failed)} others are measured in {out / RECORD_FILE}")
@@ -314,16 +323,21 @@ def _headline(record: dict) -> str:
               show_default=True, help="Volume measurements: layer thickness + ETDRS grid, fluid volume, or none.")
 @click.option("--fovea", type=float, nargs=2, default=None, metavar="BSCAN ASCAN",
               help="Centre of the ETDRS grid (B-scan and A-scan index); default: the thickness minimum.")
+@click.option("--no-report", "no_report", is_flag=True,
+              help="Volumes: skip report.html, the self-contained HTML report (it needs jinja2, in the vendor "
+                   "extra).")
 def predict_cmd(artifact: Path, images: tuple[str, ...], out: Path, overwrite: bool, keep_going: bool,
                 backend: str, threads: int | None, batch_size: int, volume_flag: bool,
-                voxel_size: tuple[float, ...] | None, measure: str, fovea: tuple[float, float] | None) -> None:
+                voxel_size: tuple[float, ...] | None, measure: str, fovea: tuple[float, float] | None,
+                no_report: bool) -> None:
     """Run an exported ARTIFACT on IMAGES (files or folders), or on one OCT volume.
 
     \b
     classification: predictions.csv + predictions.json (class probabilities)
     segmentation:   masks/<name>.png (class index per pixel, original size), overlays/<name>.png, JSON
     encoder:        features.npy + predictions.json
-    volume:         masks/<bscan>.png, maps/*.png (thickness with the ETDRS grid, fluid), measurements.json
+    volume:         masks/<bscan>.png, maps/*.png (thickness with the ETDRS grid, fluid), report.html
+                    (the localizer, selected B-scans with overlays, maps and numbers), measurements.json
 
     A volume is a Heidelberg .vol / .E2E / HEYEX XML export, a Topcon .fds, a DICOM OCT file, or a folder
     of B-scans with --volume (pip install "mirage-edge[vendor]" for the vendor formats).
@@ -341,10 +355,10 @@ def predict_cmd(artifact: Path, images: tuple[str, ...], out: Path, overwrite: b
     if is_volume_input(images, volume_flag):
         predict_volume_cmd(artifact, images[0], out, overwrite=overwrite, keep_going=keep_going, backend=backend,
                            threads=threads, batch_size=batch_size, measure=measure, voxel_size=voxel_size,
-                           fovea=fovea)
+                           fovea=fovea, report=not no_report)
         return
     given = [flag for flag, v in (("--voxel-size", voxel_size), ("--fovea", fovea),
-                                  ("--measure", measure != "auto")) if v]
+                                  ("--measure", measure != "auto"), ("--no-report", no_report)) if v]
     if given:
         raise ConfigError(f"{', '.join(given)} apply to one OCT volume: add --volume to take the folder as one "
                           "volume, or leave them out to predict separate images")

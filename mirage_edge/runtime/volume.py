@@ -18,7 +18,8 @@ at once.
 The record (`VolumeResult.record`) is one JSON object, versioned by `SCHEMA` / `SCHEMA_VERSION`, with
 the input file's SHA-256 and the artifact's checksums. A report (HTML, issue #20 item 4) plugs into
 `VolumeResult.save(out, report=fn)`: `fn(result, record, out) -> relative path` runs after the
-images are written and before the record, and its path lands in ``record["outputs"]["report"]``.
+images are written and before the record, and its path lands in ``record["outputs"]["report"]``;
+`mirage_edge.runtime.report.write_report` is that function (report.html, jinja2 from the vendor extra).
 """
 from __future__ import annotations
 
