@@ -32,7 +32,7 @@ def test_budget_stops_slow_models_after_min_iters():
     t0 = time.perf_counter()
     stats = measure_latency(lambda: time.sleep(0.05), warmup=1, min_iters=3, max_iters=1000, budget_s=0.01)
     assert stats.n == 3  # the budget was spent after the first call, min_iters still honoured
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 30.0  # 1000 iterations would take 50 s; a loaded box stretches 4 x 50 ms
 
 
 def test_max_iters_caps_fast_models():
