@@ -30,6 +30,10 @@ def test_check_smoke_runs_and_reports(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), "--smoke"], capture_output=True, text=True, env=env,
                           timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith(("pretrain ", "seg "))]
-    assert len(lines) == 2 and all("images/s" in x and "peak GPU mem" in x and "falls" in x for x in lines)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(("pretrain ", "seg ", "distill/stage"))]
+    assert len(lines) == 4 and all("images/s" in x and "peak GPU mem" in x for x in lines)
+    assert all("falls" in x for x in lines[:3])
+    # the distillation ran under torchrun: 2 processes, both computing teacher targets for the cache
+    assert any(x.startswith("distill ") and "2 process(es)" in x and "on 2 process(es)" in x
+               for x in proc.stdout.splitlines())
     assert (tmp_path / "work" / "seg" / "best" / "model.safetensors").is_file()
