@@ -498,6 +498,14 @@ def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, 
         head = copy.deepcopy(tm.head).requires_grad_(not s2.freeze_head)
         return TASK_CLASSES[tm.task](proj, head).train()
     k = int(tm.num_classes)
+    if tm.task == "segmentation" and s2.head.get("type") == "fpn":
+        from mirage_edge.models.task import fpn_segmentation_model
+
+        extra = {k2: v for k2, v in s2.head.items() if k2 != "type"}
+        try:
+            return fpn_segmentation_model(student, k, **extra).train()
+        except TypeError as exc:
+            raise ConfigError(f"stage2.head {s2.head}: {exc}") from None
     if tm.task == "segmentation":
         cfg = {k2: v for k2, v in tm.head.config.items() if k2 not in ("type", "in_dim", "num_classes")}
         try:

@@ -172,6 +172,8 @@ class Stage2Spec:
     built like the teacher's with `head` settings on top - e.g. ``{preds_per_patch = 64, class_dim
     = 16, depth = 0}``: a linear sub-pixel decoder straight from the stride-32 map to 1/4 resolution,
     about half the latency of the tiny teacher's head on a 2-core CPU (benchmarks/README.md).
+    ``head = {type = "fpn", dim = 64}`` gives a CNN student a light FPN decoder on its stride-4..32
+    stage maps instead (models/heads.FPNSegHead), for lesions of a few pixels.
 
     data: a folder of unlabelled B-scans (any image folder, or a RetinaBench set: its train split)
     added to data.path's train split for stage 2. The teacher's logits are their only target (the

@@ -106,6 +106,40 @@ class ClsHead(nn.Module):
         return self.fc(feat)
 
 
+class FPNSegHead(nn.Module):
+    """A light FPN decoder for CNN students: multi-scale stage maps -> B x K x H x W logits.
+
+    forward(feats: list of B x C_i x h_i x w_i, finest first (the encoder stages `stages`), image_size).
+    Each map gets a 1x1 lateral conv to `dim` channels; from the coarsest, the sum is upsampled
+    (nearest, x2) and added to the next finer lateral; a 3x3 conv + BN + ReLU on the finest sum, a
+    1x1 conv to the classes, bilinear upsampling to the image size. Unlike the token heads it sees
+    the stride-4/8 maps, where few-pixel lesions (fluid pockets) still exist.
+    """
+
+    multiscale = True
+
+    def __init__(self, in_channels: list[int], num_classes: int, stages: list[int], dim: int = 64) -> None:
+        super().__init__()
+        if len(in_channels) != len(stages) or not stages:
+            raise ConfigError(f"fpn head: {len(in_channels)} channel counts for stages {stages}")
+        self.config = dict(type="fpn", in_channels=[int(c) for c in in_channels], num_classes=num_classes,
+                           stages=[int(i) for i in stages], dim=dim)
+        self.stages, self.num_classes = list(stages), num_classes
+        self.lateral = nn.ModuleList([nn.Conv2d(c, dim, kernel_size=1) for c in in_channels])
+        self.smooth = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(dim),
+                                    nn.ReLU(inplace=True))
+        self.final_layer = nn.Conv2d(dim, num_classes, kernel_size=1)
+
+    def forward(self, feats: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        x = self.lateral[-1](feats[-1])
+        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            x = lat(f) + F.interpolate(x, size=tuple(f.shape[-2:]), mode="nearest")
+        x = self.final_layer(self.smooth(x))
+        if tuple(x.shape[-2:]) == tuple(image_size):
+            return x
+        return F.interpolate(x, size=tuple(image_size), mode="bilinear", align_corners=False)
+
+
 def build_head(config: dict) -> nn.Module:
     """Head from its saved `config` dict (``type`` = convnext | cls)."""
     cfg = dict(config)
@@ -115,6 +149,8 @@ def build_head(config: dict) -> nn.Module:
             return ConvNeXtSegHead(**cfg)
         if kind == "cls":
             return ClsHead(**cfg)
+        if kind == "fpn":
+            return FPNSegHead(**cfg)
     except TypeError as exc:
         raise ConfigError(f"bad head config {config}: {exc}") from None
-    raise ConfigError(f"unknown head type {kind!r} (expected 'convnext' or 'cls')")
+    raise ConfigError(f"unknown head type {kind!r} (expected 'convnext', 'fpn' or 'cls')")

@@ -65,9 +65,14 @@ class SegmentationModel(TaskModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x)
         h, w = int(x.shape[-2]), int(x.shape[-1])
-        gh, gw = self.encoder.token_grid(h, w)
+        return self._logits(x, (h, w))
+
+    def _logits(self, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        if getattr(self.head, "multiscale", False):  # FPN head: the encoder's stage maps, finest first
+            return self.head(self.encoder.forward_intermediates(x, self.head.stages), out_size)
+        gh, gw = self.encoder.token_grid(int(x.shape[-2]), int(x.shape[-1]))
         tokens = self.encoder.forward_features(x)
-        return self.head(tokens[:, : gh * gw], (gh, gw), (h, w))
+        return self.head(tokens[:, : gh * gw], (gh, gw), out_size)
 
     def forward_mask(self, x: torch.Tensor, stride: int = 1, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """Class mask B x H x W of `dtype`. `stride` > 1 takes the argmax of logits upsampled only to
@@ -78,9 +83,7 @@ class SegmentationModel(TaskModel):
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if stride < 1 or h % stride or w % stride:
             raise InputError(f"mask stride {stride} must be >= 1 and divide the input size {h}x{w}")
-        gh, gw = self.encoder.token_grid(h, w)
-        tokens = self.encoder.forward_features(x)
-        mask = self.head(tokens[:, : gh * gw], (gh, gw), (h // stride, w // stride)).argmax(dim=1).to(dtype)
+        mask = self._logits(x, (h // stride, w // stride)).argmax(dim=1).to(dtype)
         if stride == 1:
             return mask
         return mask.repeat_interleave(stride, dim=1).repeat_interleave(stride, dim=2)
@@ -107,6 +110,21 @@ class ClassificationModel(TaskModel):
 def segmentation_model(encoder: nn.Module, num_classes: int, **head_kwargs) -> SegmentationModel:
     """Encoder + a fresh ConvNeXt head (official settings unless overridden)."""
     return SegmentationModel(encoder, ConvNeXtSegHead(int(encoder.embed_dim), num_classes, **head_kwargs))
+
+
+def fpn_segmentation_model(encoder: nn.Module, num_classes: int, dim: int = 64,
+                           min_stride: int = 4) -> SegmentationModel:
+    """CNN student + a fresh FPN head (heads.FPNSegHead) on its stages of stride >= `min_stride`."""
+    from mirage_edge.errors import ConfigError
+    from mirage_edge.models.heads import FPNSegHead
+
+    info = getattr(encoder, "stage_info", None)
+    if not info or getattr(encoder, "_vit", False):
+        raise ConfigError(f"an fpn head needs a CNN student with stage maps; {type(encoder).__name__} has none")
+    # the last stage of each stride (timm lists a stride once per stage; several stages may share it)
+    last = {stride: i for i, (_, stride) in enumerate(info) if stride >= min_stride}
+    stages = sorted(last.values())
+    return SegmentationModel(encoder, FPNSegHead([info[i][0] for i in stages], num_classes, stages, dim))
 
 
 def classification_model(encoder: nn.Module, num_classes: int, pool: str = "global") -> ClassificationModel:
