@@ -37,6 +37,20 @@ def run_without_torch(code: str, *args: str, cwd: Path | None = None) -> subproc
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_home(tmp_path_factory):
+    """Tests never write into the user's ~/.cache/mirage-edge (file-hash records, default caches):
+    MIRAGE_EDGE_HOME points at a session folder unless the caller set it."""
+    if "MIRAGE_EDGE_HOME" in os.environ:
+        yield
+        return
+    os.environ["MIRAGE_EDGE_HOME"] = str(tmp_path_factory.mktemp("mirage-edge-home"))
+    try:
+        yield
+    finally:
+        os.environ.pop("MIRAGE_EDGE_HOME", None)
+
+
 _CLI_NO_TORCH = """
 import sys
 from mirage_edge.cli import main

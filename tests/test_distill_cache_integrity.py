@@ -2,8 +2,6 @@
 carries a content checksum; bytes changed in place (same size, same header) are recomputed, not reused."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -111,21 +109,24 @@ def test_an_unchanged_cache_is_not_rehashed_at_open(tmp_path, monkeypatch):
     assert sorted(calls) == [2, 3]
 
 
-def test_entries_without_a_checksum_are_recomputed(tmp_path):
-    """A cache written before checksums existed (or an index whose sums were removed) is not trusted."""
+def test_an_index_checksum_that_does_not_match_is_never_served(tmp_path):
+    """The checksums live in the SQLite index: one that no longer matches the bytes (index and shard out of
+    step, whichever was altered) is refused on read and recomputed by the next run."""
+    import sqlite3
+
     c = TeacherCache(tmp_path, _key()).open()
     _fill(c, ["a", "b"])
     c.close()
-    idx = c.dir / "index.json"
-    doc = json.loads(idx.read_text())
-    for e in doc.values():
-        e.pop("sums")
-    idx.write_text(json.dumps(doc))
+    with sqlite3.connect(c.dir / "index.sqlite") as db:
+        db.execute("UPDATE entries SET sum = ? WHERE row = ?", (b"\0" * 16, c.row("a", 0)))
+    db.close()
+    reader = TeacherCache(tmp_path, _key()).open()
+    with pytest.raises(DataError, match="fail their content checksum"):
+        reader.read("a", 0)
+    _served_equals_teacher(reader, "b")
     again = TeacherCache(tmp_path, _key()).open()
-    assert not again.has("a", 0)
-    with pytest.raises(DataError, match="no entry"):
-        again.read("a", 0)
-    assert sorted(_fill(again, ["a", "b"])) == [("a", 0), ("b", 0)]
+    assert "failed their content checksum" in again.status and not again.has("a", 0)
+    assert _fill(again, ["a", "b"]) == [("a", 0)]
     _served_equals_teacher(again, "a")
 
 

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from mirage_edge.data.io import read_image
 from mirage_edge.data.layout import DatasetIndex, Sample, scan_dataset
 from mirage_edge.data.preprocess import PreprocessSpec, preprocess, resize_mask
-from mirage_edge.distill.cache import TeacherCache, fingerprint_bytes
+from mirage_edge.distill.cache import TeacherCache
+from mirage_edge.distill.fingerprints import FileHashes, fingerprint_bytes
 from mirage_edge.errors import DataError
 
 TASKS = {"seg": "segmentation", "cls": "classification", "none": "unlabelled", "multimodal": "multimodal"}
@@ -55,11 +56,15 @@ class DistillSamples(Dataset):
     index: a `DatasetIndex`; split: its split name (None = all splits).
     spec: preprocessing (size = model input size). modalities: inputs to load (B-scan first).
     labels: load masks / class labels when the index has them.
+    file_hashes: where the content hashes of the files are kept with their file status, so that an
+    unchanged file is not read again to fingerprint it (None = `FileHashes.default_path()`;
+    `FileHashes(None)` = read every file at every run).
     """
 
     def __init__(self, index: DatasetIndex, split: str | None, spec: PreprocessSpec,
                  modalities: Sequence[str] = ("bscan",), labels: bool = True, views: int = 1,
-                 augment: Any = None, aug_seed: int = 0, limit: int = 0) -> None:
+                 augment: Any = None, aug_seed: int = 0, limit: int = 0,
+                 file_hashes: FileHashes | None = None) -> None:
         self.index = index
         self.samples: list[Sample] = index.samples(split)
         if limit:
@@ -80,6 +85,7 @@ class DistillSamples(Dataset):
         self.aug_seed = int(aug_seed)
         self.cache: TeacherCache | None = None
         self._fp: list[str] | None = None
+        self.file_hashes = file_hashes if file_hashes is not None else FileHashes(FileHashes.default_path())
         self.n_labelled = len(self.samples) if self.labels else 0
         self.extra_root: Path | None = None
         # the folder is part of a sample's id: two folders with the same split/id (data.path,
@@ -111,12 +117,19 @@ class DistillSamples(Dataset):
         return [s.image] + [s.modality(m) for m in self.modalities[1:]]  # type: ignore[misc]
 
     def fingerprint(self, i: int) -> str:
-        """Content hash of every file the teacher reads for sample i."""
+        """Content hash of every file the teacher reads for sample i (see `fingerprints`)."""
+        return self.fingerprints()[i]
+
+    def fingerprints(self) -> list[str]:
+        """Content hash of each sample's files, computed for all samples at the first call: a file whose
+        status (size, mtime, ctime, inode) matches `file_hashes`' record is not read again. One file:
+        its hash; several (B-scan + SLO): the hash of their hashes."""
         if self._fp is None:
-            self._fp = [""] * len(self)
-        if not self._fp[i]:
-            self._fp[i] = fingerprint_bytes(b"".join(p.read_bytes() for p in self._paths(i)))
-        return self._fp[i]
+            paths = [self._paths(i) for i in range(len(self))]
+            it = iter(self.file_hashes.hashes([p for ps in paths for p in ps]))
+            hashes = [[next(it) for _ in ps] for ps in paths]
+            self._fp = [h[0] if len(h) == 1 else fingerprint_bytes("\n".join(h).encode()) for h in hashes]
+        return self._fp
 
     def describe(self) -> dict[str, Any]:
         return {"root": str(self.index.root), "n": len(self), "preprocess": asdict(self.spec),

@@ -71,10 +71,7 @@ def cache_root(spec_dir: str) -> Path:
 # ------------------------------------------------------------------------------------- cache fill
 def cache_cost(key: CacheKey, n_rows: int) -> int:
     """Bytes `n_rows` (sample, view) rows of teacher outputs `key.outputs` take in the cache."""
-    import numpy as np
-
-    per_row = sum(int(np.prod(shape)) for shape in key.outputs.values()) * np.dtype(key.dtype).itemsize
-    return per_row * n_rows
+    return key.row_bytes() * n_rows  # values + int8 scales
 
 
 def check_cache_room(cache: TeacherCache, todo: int, total: int, max_gb: float, log: Log) -> None:
@@ -161,7 +158,7 @@ def attach_cache(ds: DistillSamples, teacher: Teacher, recipe: DistillRecipe, wi
         shapes = {k: v for k, v in shapes.items() if k == "logits" or (k == "tokens" and recipe.stage2.loss.feature)}
     key = CacheKey(teacher_hash=teacher.weights_hash(), outputs=shapes, modalities=teacher.modalities,
                    preprocess=cfgmod.to_dict(ds.spec), augment=cfgmod.to_dict(ds.augment) if ds.augment else {},
-                   aug_seed=ds.aug_seed, views=ds.views)
+                   aug_seed=ds.aug_seed, views=ds.views, dtype=recipe.cache.dtype)
     from mirage_edge.train import distributed as D
 
     cache = TeacherCache(cache_root(recipe.cache.dir), key, recipe.cache.shard_size)

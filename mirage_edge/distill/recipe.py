@@ -279,20 +279,25 @@ class BaselineSpec:
 
 @dataclass
 class CacheSpec:
-    """Teacher-output cache (fp16 memmap shards). dir "" = $MIRAGE_EDGE_HOME/cache/teacher.
+    """Teacher-output cache (memory-mapped shards). dir "" = $MIRAGE_EDGE_HOME/cache/teacher.
 
     enabled = false is the online-teacher mode: no cache, the teacher runs beside the student at every
     step (on the same device). max_gb: refuse up front when the rows still to compute need more (0 =
-    no limit; the free disk space is always checked)."""
+    no limit; the free disk space is always checked). dtype: "float16", or "int8" (symmetric, one
+    float16 scale per token / last-axis vector: about half the disk; part of the cache key, so each
+    dtype has its own cache; see distill/README.md for its effect on the student)."""
 
     enabled: bool = True
     dir: str = ""
     shard_size: int = 256
     max_gb: float = 0.0
+    dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.max_gb < 0 or self.shard_size < 1:
             raise ValueError(f"cache.max_gb must be >= 0 and cache.shard_size >= 1, got {self.max_gb}, {self.shard_size}")
+        if self.dtype not in ("float16", "int8"):
+            raise ValueError(f"cache.dtype must be float16 or int8, got {self.dtype!r}")
 
 
 @dataclass
