@@ -77,12 +77,18 @@ def cache_cost(key: CacheKey, n_rows: int) -> int:
 def check_cache_room(cache: TeacherCache, todo: int, total: int, max_gb: float, log: Log) -> None:
     """Say what the cache costs and refuse before filling when the rows still to compute would not fit
     on the disk (with a 5 % margin) or exceed `cache.max_gb`."""
-    need, full = cache_cost(cache.key, todo), cache_cost(cache.key, total)
+    import math
+
+    def on_disk(rows: int) -> int:  # shards are allocated whole: `shard_size` rows each
+        return cache_cost(cache.key, math.ceil(rows / cache.shard_size) * cache.shard_size)
+
+    need, full = on_disk(todo), on_disk(total)
     free = shutil.disk_usage(_existing_parent(cache.dir)).free
     gb = 1e9
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sorted(cache.key.outputs.items()))
-    log(f"teacher cache: {total} rows ({shapes}, {cache.key.dtype}) = {full / gb:.3f} GB; "
-        f"{todo} to compute = {need / gb:.3f} GB; {free / gb:.1f} GB free at {cache.dir.parent}")
+    log(f"teacher cache: {total} rows ({shapes}, {cache.key.dtype}) = {cache_cost(cache.key, total) / gb:.4g} GB "
+        f"of values, {full / gb:.4g} GB on disk in whole shards of {cache.shard_size} rows; {todo} to compute = "
+        f"at most {need / gb:.4g} GB more; {free / gb:.1f} GB free at {cache.dir.parent}")
     if max_gb and need > max_gb * gb:
         raise ConfigError(f"the teacher cache for this data would need {need / gb:.2f} GB more at {cache.dir}, above "
                           f"cache.max_gb = {max_gb:g}; raise it, point cache.dir at a larger disk, or run the teacher "
