@@ -37,6 +37,36 @@ def run_without_torch(code: str, *args: str, cwd: Path | None = None) -> subproc
     )
 
 
+def tiny_seg_teacher(root: Path, n: int = 12) -> tuple[Path, Path]:
+    """A synthetic layers set (64 px, `n` B-scans) under root/layers and a 'fine-tuned' (random)
+    mirage-tiny segmentation teacher at root/teacher: what the distillation tests run on."""
+    import torch
+
+    from mirage_edge.data.synth import synthesize
+    from mirage_edge.models import create_model, save_model
+    from mirage_edge.models.task import segmentation_model
+
+    data = synthesize(root / "layers", "layers", n, seed=0, size=64)
+    torch.manual_seed(0)
+    enc = create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan"], out_domains=[])
+    save_model(segmentation_model(enc, 9, class_dim=16, depth=1), root / "teacher")
+    return data, root / "teacher"
+
+
+def one_line_error(*argv: str) -> str:
+    """Run `mirage-edge ARGV` in-process; expect a clean failure: one 'error:' line, no traceback."""
+    from click.testing import CliRunner
+
+    from mirage_edge.cli import cli
+
+    res = CliRunner().invoke(cli, list(argv))
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_home(tmp_path_factory):
     """Tests never write into the user's ~/.cache/mirage-edge (file-hash records, default caches):

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mirage_edge.cli import cli
+from conftest import one_line_error
+
 from mirage_edge.data.check import check_dataset, load_dataset
 from mirage_edge.data.io import image_shape, read_image, write_png
 from mirage_edge.data.layout import scan_dataset
@@ -35,14 +35,6 @@ def duke_copy(real_data: Path, dest: Path, names: tuple[str, ...] = (FLUID, OTHE
     return dest
 
 
-def one_line_cli_error(*argv: str) -> str:
-    """Run `mirage-edge ARGV`, expect a clean failure: one 'error:' line, no traceback."""
-    res = CliRunner().invoke(cli, list(argv))
-    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
-    assert "Traceback" not in res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.output
-    return errors[0]
 
 
 # -- 1a: B-scans of mixed sizes -------------------------------------------------------------------
@@ -144,7 +136,7 @@ def test_segmentation_folder_refused_as_classes(real_data, tmp_path):
         scan_dataset(root, "classification")
     assert f"{root} is a segmentation set ({root / 'train'} has bscan/ + semseg/), not a classification set" \
         in str(err.value)
-    line = one_line_cli_error("data", "check", str(root), "--task", "classification")
+    line = one_line_error("data", "check", str(root), "--task", "classification")
     assert "is a segmentation set" in line
     pytest.importorskip("torch")
     from mirage_edge.distill.data import open_index
@@ -163,7 +155,7 @@ def test_same_stem_in_bscan_folder_is_ambiguous(real_data, tmp_path):
     with pytest.raises(DataError) as err:
         scan_dataset(root)
     assert f"ambiguous file names in {bscan}: {OTHER}.png + {OTHER}.tif share a file stem" in str(err.value)
-    line = one_line_cli_error("data", "check", str(root))
+    line = one_line_error("data", "check", str(root))
     assert "ambiguous file names" in line and f"{OTHER}.tif" in line
 
 
@@ -235,7 +227,7 @@ def test_pixel_limit_in_predict_and_data_check(real_data, tmp_path, monkeypatch)
     fake = SimpleNamespace(task="classification", classes=["a"], predict=None)
     with pytest.raises(DataError, match=f"{FLUID}.png is 496x768 pixels"):
         write_predictions(fake, [image], tmp_path / "out")
-    line = one_line_cli_error("data", "check", str(root))
+    line = one_line_error("data", "check", str(root))
     assert "problem(s) found" in line
     report = check_dataset(root)
     assert any("MIRAGE_EDGE_MAX_PIXELS" in r for _, r in report.problems)

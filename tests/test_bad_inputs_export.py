@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import one_line_error
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
@@ -26,14 +28,6 @@ FAST = ["--format", "onnx", "--precision", "fp32", "--set", "validation.n_inputs
         "--set", 'exporter="torchscript"']
 
 
-def one_line_error(*argv: str) -> str:
-    """Run `mirage-edge ARGV`, expect a clean failure: one 'error:' line, no traceback."""
-    res = CliRunner().invoke(cli, list(argv))
-    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
-    assert "Traceback" not in res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.output
-    return errors[0]
 
 
 def export_ok(*argv: str) -> Path:
@@ -200,12 +194,12 @@ def test_out_path_that_is_a_file_or_read_only(students, tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits: make the write probe fail as a RO mount would
-        from mirage_edge.export import writer
+        from mirage_edge import _io
 
         def deny(*a, **k):
             raise PermissionError(errno.EROFS, os.strerror(errno.EROFS))
 
-        monkeypatch.setattr(writer.tempfile, "TemporaryFile", deny)
+        monkeypatch.setattr(_io.tempfile, "TemporaryFile", deny)
         reason = os.strerror(errno.EROFS)
     else:
         ro.chmod(0o555)

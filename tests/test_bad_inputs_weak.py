@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_without_torch
+from conftest import one_line_error, run_without_torch
 from mirage_edge._io import check_output_dir, output_errors
 from mirage_edge.cli import cli
 from mirage_edge.data.io import read_image, write_png
@@ -26,14 +26,6 @@ ROFS = os.strerror(errno.EROFS)
 FULL = f"the disk is full ({os.strerror(errno.ENOSPC)})"
 
 
-def one_line_error(*argv: str) -> str:
-    """Run `mirage-edge ARGV`, expect a clean failure: one 'error:' line, no traceback."""
-    res = CliRunner().invoke(cli, list(argv))
-    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
-    assert "Traceback" not in res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.output
-    return errors[0]
 
 
 def ok(*argv: str) -> str:

@@ -9,27 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_seg_teacher
+from test_distill_pipeline import FAST
+
 from mirage_edge.distill.recipe import load_recipe
 
 torch.set_num_threads(2)
-FAST = ["stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=4", "stage2.batch_size=4", "qat.epochs=1",
-        "qat.batch_size=4", "qat.subset_size=4", "data.image_size=64", "run.progress=false", "run.log_every=1",
-        "run.eval_batch_size=8"]
 
 
 @pytest.fixture(scope="module")
 def seg_setup(tmp_path_factory):
     """A synthetic layers set (64 px) and a 'fine-tuned' (random) mirage-tiny segmentation teacher."""
-    from mirage_edge.data.synth import synthesize
-    from mirage_edge.models import create_model, save_model
-    from mirage_edge.models.task import segmentation_model
-
     root = tmp_path_factory.mktemp("baseline")
-    data = synthesize(root / "layers", "layers", 12, seed=0, size=64)
-    torch.manual_seed(0)
-    enc = create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan"], out_domains=[])
-    save_model(segmentation_model(enc, 9, class_dim=16, depth=1), root / "teacher")
-    return root, data, root / "teacher"
+    return (root, *tiny_seg_teacher(root))
 
 
 def test_twin_needs_no_teacher_sees_the_same_batches_and_gives_the_kd_gain(seg_setup, monkeypatch):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_seg_teacher
+
 # A BN-free student (ViT, LayerNorm only) and losses that are means over samples (feature MSE / cosine,
 # KD, CE; the generalized Dice, pooled over the batch, is switched off): then the average of the two
 # ranks' gradients IS the full-batch gradient, and the runs differ only by float summation order.
@@ -24,16 +26,9 @@ ARGS = ["--recipe", "tiny-demo", "--student", "vit_tiny_patch32", "--qat", "stag
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from mirage_edge.data.synth import synthesize
-    from mirage_edge.models import create_model, save_model
-    from mirage_edge.models.task import segmentation_model
-
+    """A synthetic layers set (64 px) and a 'fine-tuned' (random) mirage-tiny segmentation teacher."""
     root = tmp_path_factory.mktemp("ddp")
-    data = synthesize(root / "layers", "layers", 12, seed=0, size=64)
-    torch.manual_seed(0)
-    enc = create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan"], out_domains=[])
-    save_model(segmentation_model(enc, 9, class_dim=16, depth=1), root / "teacher")
-    return root, data, root / "teacher"
+    return (root, *tiny_seg_teacher(root))
 
 
 def _run(cmd: list[str], root: Path) -> subprocess.CompletedProcess:

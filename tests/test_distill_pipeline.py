@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_seg_teacher
+
 from mirage_edge.distill.recipe import RECIPES_DIR, load_recipe
 from mirage_edge.errors import CheckpointError, ConfigError, DataError
 
@@ -20,16 +22,8 @@ FAST = ["stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=4", "stage2.bat
 @pytest.fixture(scope="module")
 def seg_setup(tmp_path_factory):
     """A synthetic layers set (64 px) and a 'fine-tuned' (random) mirage-tiny segmentation teacher."""
-    from mirage_edge.data.synth import synthesize
-    from mirage_edge.models import create_model, save_model
-    from mirage_edge.models.task import segmentation_model
-
     root = tmp_path_factory.mktemp("distill")
-    data = synthesize(root / "layers", "layers", 12, seed=0, size=64)
-    torch.manual_seed(0)
-    enc = create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan"], out_domains=[])
-    save_model(segmentation_model(enc, 9, class_dim=16, depth=1), root / "teacher")
-    return root, data, root / "teacher"
+    return (root, *tiny_seg_teacher(root))
 
 
 def _recipe(root: Path, data: Path, teacher: Path, out: str, *extra: str):

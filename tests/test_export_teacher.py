@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import one_line_error
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -24,13 +26,6 @@ SIZE = 64
 SMALL = ["--input-size", str(SIZE), str(SIZE), "--calib-images", "4", "--set", "validation.n_inputs=4"]
 
 
-def _one_line_error(*argv: str) -> str:
-    res = CliRunner().invoke(cli, list(argv))
-    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
-    assert "Traceback" not in res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.output
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +78,24 @@ def test_random_weights_need_the_flag_and_a_head_needs_its_classes(tmp_path, mon
     monkeypatch.setenv("MIRAGE_EDGE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MIRAGE_EDGE_OFFLINE", "1")
     out = ["--out", str(tmp_path / "o")]
-    line = _one_line_error("export", "mirage-tiny", "--task", "segmentation", "--num-classes", "3", *out)
+    line = one_line_error("export", "mirage-tiny", "--task", "segmentation", "--num-classes", "3", *out)
     assert "mirage-tiny has no released weights; put the weights at" in line
     assert line.endswith("or --random-weights to export random weights on purpose (timing only)")
-    line = _one_line_error("export", "mirage-tiny", "--task", "segmentation", "--random-weights", *out)
+    line = one_line_error("export", "mirage-tiny", "--task", "segmentation", "--random-weights", *out)
     assert "give its class count with --num-classes K" in line
-    line = _one_line_error("export", "mirage-tiny", "--num-classes", "3", "--random-weights", *out)
+    line = one_line_error("export", "mirage-tiny", "--num-classes", "3", "--random-weights", *out)
     assert "--num-classes / --head build a task head: give --task segmentation or --task classification" in line
-    line = _one_line_error("export", "mirage-tiny", "--task", "segmentation", "--num-classes", "3", "--random-weights",
+    line = one_line_error("export", "mirage-tiny", "--task", "segmentation", "--num-classes", "3", "--random-weights",
                            "--head", "depht=2", *out)
     assert "bad --head option for a segmentation head" in line and "depht" in line
-    line = _one_line_error("export", "mobilenetv4_conv_small", "--task", "segmentation", "--num-classes", "3", *out)
+    line = one_line_error("export", "mobilenetv4_conv_small", "--task", "segmentation", "--num-classes", "3", *out)
     assert "student architecture without weights of its own" in line
     ckpt = tmp_path / "ckpt"
     from mirage_edge.models import save_model
     from test_export_support import mirage_seg
 
     save_model(mirage_seg(), ckpt)
-    line = _one_line_error("export", str(ckpt), "--num-classes", "3", *out)
+    line = one_line_error("export", str(ckpt), "--num-classes", "3", *out)
     assert "--num-classes / --head build a head on a registered model name" in line
     assert not any((tmp_path / "o").iterdir())  # refused before any artifact was written
 

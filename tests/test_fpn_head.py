@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_seg_teacher
+
 torch.set_num_threads(2)
 
 
@@ -31,15 +33,9 @@ def test_fpn_student_round_trips_and_refuses_a_vit(tmp_path):
 
 
 def test_distill_with_an_fpn_head_and_its_twin(tmp_path):
-    from mirage_edge.data.synth import synthesize
     from mirage_edge.distill import distill, load_recipe
-    from mirage_edge.models import create_model, save_model
-    from mirage_edge.models.task import segmentation_model
 
-    data = synthesize(tmp_path / "layers", "layers", 12, seed=0, size=64)
-    torch.manual_seed(0)
-    enc = create_model("mirage-tiny", input_size=64, depth=1, in_domains=["bscan"], out_domains=[])
-    teacher = save_model(segmentation_model(enc, 9, class_dim=16, depth=1), tmp_path / "teacher")
+    data, teacher = tiny_seg_teacher(tmp_path)
     rec = load_recipe("tiny-demo", [
         f"data.path={json.dumps(str(data))}", f"teacher.model={json.dumps(str(teacher))}",
         f"cache.dir={json.dumps(str(tmp_path / 'cache'))}", f"out={json.dumps(str(tmp_path / 'run'))}",

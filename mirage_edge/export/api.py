@@ -27,7 +27,8 @@ from mirage_edge.export import validate as val
 from mirage_edge.export.data import ExportData, load_export_data
 from mirage_edge.export.target import ExportTarget, load_target
 from mirage_edge.export.wrap import ExportPlan, plan_export
-from mirage_edge.export.writer import check_out_dir, finalize, publish, staging_dir
+from mirage_edge._io import check_output_dir
+from mirage_edge.export.writer import finalize, publish, staging_dir
 from mirage_edge.models.quantized import qdq_summary
 
 _VERSION_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "numpy", "timm")
@@ -66,7 +67,7 @@ def export_model(
     if not isinstance(target, ExportTarget):
         target = load_target(target) if target is not None else ExportTarget()
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)  # before minutes of export work, not at the first file written
+    check_output_dir(out_dir)  # before minutes of export work, not at the first file written
     plan = plan_export(model, target, task=task, classes=classes)
     if plan.fake_quantized and any(p != "int8" for p in target.precisions):
         raise ExportError(f"the model is fake-quantized ({plan.fake_quantized} QAT); it exports to int8 only, "

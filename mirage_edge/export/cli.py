@@ -156,9 +156,9 @@ def export_cmd(checkpoint: str, target: str | None, formats: str | None, precisi
 
     from mirage_edge._log import quiet
     from mirage_edge.export.api import export_model
-    from mirage_edge.export.writer import check_out_dir
+    from mirage_edge._io import check_output_dir
 
-    check_out_dir(out)  # a bad --out fails before the model loads, not after the export work
+    check_output_dir(out)  # a bad --out fails before the model loads, not after the export work
     console = Console(stderr=True)
     run = resolve_distill_run(Path(checkpoint), list(tgt.precisions))
     if run is not None:

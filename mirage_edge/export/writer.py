@@ -10,7 +10,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,28 +17,6 @@ from mirage_edge.artifact import METADATA_FILE, ArtifactMeta, write_meta, write_
 from mirage_edge.errors import ExportError
 
 log = logging.getLogger(__name__)
-
-
-def check_out_dir(out: Path) -> None:
-    """Fail before any work, in one line naming `out`, when artifacts cannot be written under it.
-
-    Creates `out` (as the export would) and a throw-away file in it: permission bits alone do not
-    tell (root ignores them; read-only mounts and immutable folders refuse anyway).
-    """
-    out = Path(out)
-    for p in (out, *out.parents):  # the nearest existing part of the path must be a folder
-        if p.exists() or p.is_symlink():
-            if not p.is_dir():
-                what = "is a file, not a folder" if p.is_file() else "is not a folder"
-                why = what if p == out else f"cannot be created: {p} {what}"
-                raise ExportError(f"--out {out} {why}")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise ExportError(f"--out {out} is not writable: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
