@@ -109,6 +109,8 @@ class AugmentConfig:
     intensity: float = 0.8       # probability of intensity jitter
     gain: tuple[float, float] = (0.8, 1.2)
     gamma: tuple[float, float] = (0.8, 1.25)
+    speckle: float = 0.0         # probability of multiplicative speckle (OCT's own noise)
+    speckle_std: float = 0.15    # its std: image * (1 + std * N(0, 1))
 
 
 class Augment:
@@ -116,7 +118,7 @@ class Augment:
 
     The same flip/affine is applied to the image (bilinear) and mask (nearest); borders replicate
     the edge (OCT: dark vitreous on top, choroid at the bottom), so no fake classes appear.
-    Intensity jitter (gain, gamma) touches only the image, which is clipped back to [0, 1].
+    Intensity jitter (gain, gamma) and speckle touch only the image, which is clipped back to [0, 1].
     Uses torch's global RNG (seeded per DataLoader worker) unless a generator is given.
     """
 
@@ -136,6 +138,9 @@ class Augment:
             image, mask = self._affine(image, mask)
         if self._u() < cfg.intensity:
             image = (image.clamp(0, 1) ** self._u(*cfg.gamma)) * self._u(*cfg.gain)
+        if cfg.speckle and self._u() < cfg.speckle:
+            noise = torch.randn(image.shape, generator=self.generator, dtype=torch.float32)
+            image = image * (1.0 + cfg.speckle_std * noise)
         image = image.clamp(0.0, 1.0)
         return image if mask is None else (image, mask)
 

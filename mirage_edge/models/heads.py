@@ -39,10 +39,15 @@ class ConvNeXtSegHead(nn.Module):
     proj_dec maps each token to `preds_per_patch` sub-pixel vectors of `class_dim` channels
     (chunk p = s*ph + pw -> sub-pixel (ph, pw), s = sqrt(preds_per_patch)); `depth` ConvNeXt
     blocks; 1x1 conv to the classes; bilinear (align_corners=False) upsampling to the image size.
+
+    `skip_dim` > 0 (ours, not in the official head; 0 keeps it exactly official) adds a UNETR-style
+    image skip: two 3x3 convs of `skip_dim` channels on the input image at full resolution, fused with
+    the upsampled token features by a 3x3 conv before the classifier. A 16 px token cannot place the
+    edge of a 3-pixel fluid pocket; the image can. forward then needs `image` (B x 1 x H x W).
     """
 
     def __init__(self, in_dim: int, num_classes: int, preds_per_patch: int = 16, class_dim: int = 384,
-                 depth: int = 4, interpolate_mode: str = "bilinear") -> None:
+                 depth: int = 4, interpolate_mode: str = "bilinear", skip_dim: int = 0) -> None:
         super().__init__()
         side = math.isqrt(preds_per_patch)
         if side * side != preds_per_patch:
@@ -50,18 +55,30 @@ class ConvNeXtSegHead(nn.Module):
         self.config = dict(type="convnext", in_dim=in_dim, num_classes=num_classes,
                            preds_per_patch=preds_per_patch, class_dim=class_dim, depth=depth,
                            interpolate_mode=interpolate_mode)
+        if skip_dim:  # only when used, so official head configs stay as they were
+            if int(skip_dim) < 0:
+                raise ConfigError(f"skip_dim must be >= 0, got {skip_dim}")
+            self.config["skip_dim"] = int(skip_dim)
         self.num_classes, self.side, self.class_dim = num_classes, side, class_dim
         self.interpolate_mode = interpolate_mode
+        self.needs_image = bool(skip_dim)
         self.proj_dec = nn.Linear(in_dim, preds_per_patch * class_dim)
         self.blocks = nn.ModuleList([ConvNeXtBlock(class_dim) for _ in range(depth)])
-        self.final_layer = nn.Conv2d(class_dim, num_classes, kernel_size=1)
+        if skip_dim:
+            c = int(skip_dim)
+            self.skip = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+            self.fuse_in = nn.Conv2d(class_dim, c, kernel_size=1)
+            self.fuse = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.GELU())
+            self.final_layer = nn.Conv2d(c, num_classes, kernel_size=1)
+        else:
+            self.final_layer = nn.Conv2d(class_dim, num_classes, kernel_size=1)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int],
-                image_size: tuple[int, int]) -> torch.Tensor:
+                image_size: tuple[int, int], image: torch.Tensor | None = None) -> torch.Tensor:
         b = tokens.shape[0]
         gh, gw = grid
         s, c = self.side, self.class_dim
@@ -69,6 +86,11 @@ class ConvNeXtSegHead(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * s, gw * s)
         for blk in self.blocks:
             x = blk(x)
+        if self.needs_image:
+            if image is None:
+                raise ConfigError("this segmentation head has an image skip (skip_dim > 0) and needs the image")
+            x = F.interpolate(self.fuse_in(x), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
+            x = self.fuse(torch.cat([x, self.skip(image.to(x.dtype))], dim=1))
         x = self.final_layer(x)
         if tuple(x.shape[-2:]) == tuple(image_size):
             return x  # resampling to the same size is the identity; in an exported graph it is not free

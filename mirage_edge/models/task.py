@@ -72,6 +72,8 @@ class SegmentationModel(TaskModel):
             return self.head(self.encoder.forward_intermediates(x, self.head.stages), out_size)
         gh, gw = self.encoder.token_grid(int(x.shape[-2]), int(x.shape[-1]))
         tokens = self.encoder.forward_features(x)
+        if getattr(self.head, "needs_image", False):
+            return self.head(tokens[:, : gh * gw], (gh, gw), out_size, image=x)
         return self.head(tokens[:, : gh * gw], (gh, gw), out_size)
 
     def forward_mask(self, x: torch.Tensor, stride: int = 1, dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -154,6 +154,9 @@ class FinetuneConfig:
     `mode`: cls -> "linear_probe" (head only) or "full"; seg -> "frozen" (encoder blocks frozen, patch
     projection + global token + head train, as §11) or "full". `pool` (cls): global | cls | token_mix.
     `monitor`: validation metric for best checkpoint / early stopping ("" = bacc for cls, dice for seg).
+    `augmentation`: AugmentConfig fields (mirage_edge.data.transforms) replacing its defaults when `augment`
+    is on, e.g. {speckle = 0.5, degrees = 5}. `class_weights` (seg): per-class cross-entropy weights, one
+    per class of INFO.json ([] = unweighted); for a lesion class on ~0.5 % of the pixels.
     `center_inputs`: train the MIRAGE patch projection on pixels minus their training-set mean (see
     `mirage_edge.train.reparam`); saved weights still take the usual [0, 1] input. For encoders trained
     from scratch: without it a tiny MIRAGE stays at chance on synthetic cls data for many epochs.
@@ -168,6 +171,8 @@ class FinetuneConfig:
     pool: Literal["global", "cls", "token_mix"] = "global"
     head: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
+    augmentation: dict[str, Any] = field(default_factory=dict)
+    class_weights: list[float] = field(default_factory=list)
     center_inputs: bool = False
     label_smoothing: float = 0.1
     ce_weight: float = 0.5

@@ -171,7 +171,16 @@ def _datasets(cfg: FinetuneConfig, spec) -> dict[str, Any]:
 
     cls = SegmentationFolder if cfg.task == "seg" else ClassificationFolder
     root = Path(cfg.data)
-    out = {"train": cls(root, split="train", spec=spec, augment=cfg.augment),
+    augment: Any = cfg.augment
+    if cfg.augment and cfg.augmentation:
+        from mirage_edge.data.transforms import Augment, AugmentConfig
+
+        try:
+            aug_cfg = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augmentation.items()})
+        except TypeError as exc:
+            raise ConfigError(f"'augmentation' {cfg.augmentation}: {exc} (fields: see AugmentConfig)") from None
+        augment = Augment(aug_cfg)
+    out = {"train": cls(root, split="train", spec=spec, augment=augment),
            "val": cls(root, split="val", spec=spec, augment=False)}
     if cfg.test and (root / "test").is_dir():
         out["test"] = cls(root, split="test", spec=spec, augment=False)
@@ -305,8 +314,15 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
         def evaluate(m: nn.Module) -> dict[str, float]:
             return evaluate_cls(m, sets["val"], eval_bs, cfg.loop.num_workers)
     else:
+        weights = None
+        if cfg.class_weights:
+            if len(cfg.class_weights) != train_set.num_classes:
+                raise ConfigError(f"'class_weights' has {len(cfg.class_weights)} values but {cfg.data} has "
+                                  f"{train_set.num_classes} classes {list(train_set.classes)}")
+            weights = torch.tensor([float(w) for w in cfg.class_weights])
+
         def loss_fn(m: nn.Module, batch: dict[str, Any]):
-            return ce_gdice_loss(m(batch["image"]), batch["mask"], cfg.ce_weight, cfg.dice_weight)
+            return ce_gdice_loss(m(batch["image"]), batch["mask"], cfg.ce_weight, cfg.dice_weight, weights)
 
         def evaluate(m: nn.Module) -> dict[str, float]:
             return evaluate_seg(m, sets["val"], eval_bs, cfg.loop.num_workers, hd95=False)

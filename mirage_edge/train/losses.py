@@ -37,9 +37,12 @@ def generalized_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: fl
 
 
 def ce_gdice_loss(logits: torch.Tensor, target: torch.Tensor, ce_weight: float = 0.5,
-                  dice_weight: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`ce_weight` x cross-entropy + `dice_weight` x generalised Dice; returns (loss, parts)."""
-    ce = F.cross_entropy(logits.float(), target.long())
+                  dice_weight: float = 0.5, class_weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`ce_weight` x cross-entropy (per-class `class_weights` K, optional) + `dice_weight` x generalised
+    Dice; returns (loss, parts)."""
+    w = class_weights.to(logits.device) if class_weights is not None else None
+    ce = F.cross_entropy(logits.float(), target.long(), weight=w)
     gd = generalized_dice_loss(logits, target)
     return ce_weight * ce + dice_weight * gd, {"ce": ce.detach(), "gdice": gd.detach()}
 
