@@ -21,7 +21,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
-@click.command("bench")
+@click.group("bench", invoke_without_command=True)
 @click.option("--suite", "suite_name", default="synthetic", show_default=True,
               help="Suite TOML path or name in benchmarks/suites/ (synthetic, duke-dme-fluid, retinabench).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -44,11 +44,14 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--max-iters", type=int, default=None)
 @click.option("--no-isolate", is_flag=True, help="Run every row in this process (faster; no crash isolation).")
 @click.option("--set", "overrides", multiple=True, help="Suite override key=value (e.g. timing.warmup=5).")
-def bench_cmd(suite_name: str, out_dir: str | None, root: str | None, data: str | None, models: tuple[str, ...],
-              checkpoints: tuple[str, ...], artifacts: tuple[str, ...], backends: tuple[str, ...],
+@click.option("--rounds", type=int, default=None,
+              help="Timing rounds of the rows under 200 ms per call, interleaved across rows [3].")
+@click.pass_context
+def bench_cmd(ctx: click.Context, suite_name: str, out_dir: str | None, root: str | None, data: str | None,
+              models: tuple[str, ...], checkpoints: tuple[str, ...], artifacts: tuple[str, ...], backends: tuple[str, ...],
               precisions: tuple[str, ...], threads: tuple[str, ...], batches: tuple[str, ...],
               sizes: tuple[str, ...], budget: float | None, min_iters: int | None, max_iters: int | None,
-              no_isolate: bool, overrides: tuple[str, ...]) -> None:
+              no_isolate: bool, overrides: tuple[str, ...], rounds: int | None) -> None:
     """Time and evaluate every model x backend x precision of a suite; write records and a report.
 
     \b
@@ -56,7 +59,10 @@ def bench_cmd(suite_name: str, out_dir: str | None, root: str | None, data: str 
       mirage-edge bench --suite synthetic --root demo-out
       mirage-edge bench --suite duke-dme-fluid --data /data --root runs/duke --threads 1,2
       mirage-edge bench --suite synthetic --artifact runs/export/student-int8 --backend openvino
+      mirage-edge bench crosscheck runs/export/student/openvino-int8 --threads 2 --rounds 5
     """
+    if ctx.invoked_subcommand is not None:
+        return  # `mirage-edge bench crosscheck ...`: the suite options do not apply
     from mirage_edge.bench.run import bench
 
     sets = list(overrides)
@@ -73,12 +79,47 @@ def bench_cmd(suite_name: str, out_dir: str | None, root: str | None, data: str 
         sets.append(f"data={_toml_str(data)}")
     result = bench(suite_name, out_dir=out_dir, overrides=sets, models=_split(models) or None,
                    backends=_split(backends) or None, precisions=_split(precisions) or None,
-                   checkpoints=list(checkpoints), artifacts=list(artifacts), isolate=False if no_isolate else None)
+                   checkpoints=list(checkpoints), artifacts=list(artifacts), isolate=False if no_isolate else None,
+                   rounds=rounds)
     from mirage_edge.bench.report import print_table
 
     click.echo(print_table(result.records))
     for name, path in result.paths.items():
         click.echo(f"{name}: {path}")
+
+
+@bench_cmd.command("crosscheck")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--threads", type=int, default=2, show_default=True, help="Inference threads on both sides.")
+@click.option("--rounds", type=int, default=5, show_default=True,
+              help="Interleaved rounds (bench, then benchmark_app).")
+@click.option("--seconds", type=int, default=2, show_default=True, help="Timed seconds per side and round.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--app", default=None, help="benchmark_app executable [on PATH or beside this Python].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON record to write [bench-out/crosscheck/<model>-<folder>.json].")
+def crosscheck_cmd(artifact: str, threads: int, rounds: int, seconds: int, batch: int, app: str | None,
+                   out_path: str | None) -> None:
+    """Time one artifact with the bench's own worker and with OpenVINO's benchmark_app, interleaved
+    over several rounds; print both medians and their ratio, and write a JSON record.
+
+    \b
+    Example:
+      mirage-edge bench crosscheck demo-out/export/student/openvino-int8 --threads 2 --rounds 5
+    """
+    from pathlib import Path
+
+    from mirage_edge._log import progress
+    from mirage_edge.bench.crosscheck import crosscheck, write_record
+
+    result = crosscheck(artifact, threads=threads, rounds=rounds, seconds=seconds, batch=batch, app=app,
+                        progress=progress)
+    for line in result.lines():
+        click.echo(line)
+    folder = Path(artifact).resolve()
+    default = Path("bench-out") / "crosscheck" / f"{folder.parent.name}-{folder.name}.json"
+    path = write_record(result, out_path or default)
+    click.echo(f"record: {path}")
 
 
 def _toml_str(text: str) -> str:

@@ -65,6 +65,17 @@ class BenchRecord:
     latency_mean_ms: float | None = None
     latency_min_ms: float | None = None
     latency_n: int = 0
+    # rounds: the row is timed in `latency_rounds` fresh processes interleaved with the other rows;
+    # latency_median_ms is then the median of the round medians (listed, space-separated, in ms)
+    latency_rounds: int = 0
+    latency_round_medians: str = ""
+    latency_best_round_ms: float | None = None
+    # what the row's latency times (artifacts: the engine on a fixed-shape model, input copied in,
+    # output copied out), and two parts timed interleaved with it: the engine alone on a pre-bound
+    # input (what OpenVINO's benchmark_app reports) and the mirage-edge runtime's `Predictor.run`
+    timed_call: str = ""
+    latency_engine_ms: float | None = None
+    latency_runtime_ms: float | None = None
     throughput_ips: float | None = None   # images per second at `batch` (= batch / median)
     load_time_s: float | None = None
     peak_rss_mb: float | None = None

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from mirage_edge._io import atomic_path, atomic_write_text
 from mirage_edge.bench.hardware import HardwareInfo
+from mirage_edge.bench.timing import ROUND_MAX_CALL_MS
 from mirage_edge.bench.record import (CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, SOURCE_BACKENDS, BenchRecord,
                                       is_teacher_reference)
 
@@ -64,9 +65,41 @@ def _faster(a: BenchRecord | None, b: BenchRecord | None, bold: bool = False) ->
     return f"**{text}**" if bold else text
 
 
+def _pick_key(r: BenchRecord) -> tuple[float, float]:
+    """Order rows for "fastest": p50 (the median of the row's interleaved round medians when it was
+    timed in rounds), ties broken by the best round."""
+    best = r.latency_best_round_ms if r.latency_best_round_ms is not None else r.latency_median_ms
+    return (float(r.latency_median_ms), float(best))  # type: ignore[arg-type]
+
+
 def _fastest(rows: list[BenchRecord]) -> BenchRecord | None:
     rows = [r for r in rows if r.ok and r.latency_median_ms is not None]
-    return min(rows, key=lambda r: r.latency_median_ms) if rows else None  # type: ignore[arg-type,return-value]
+    return min(rows, key=_pick_key) if rows else None
+
+
+# Two rows closer than this at p50 are reported as too close to call on the machine that ran them.
+CLOSE_CALL = 0.05
+
+
+def runner_up(rows: list[BenchRecord], best: BenchRecord | None) -> tuple[BenchRecord | None, bool]:
+    """(second-fastest row, too close to call): the runner-up of `best` among `rows`, and whether the
+    two differ by less than `CLOSE_CALL` at p50 or their round medians overlap (each was faster in
+    some round), in which case the order between them is not settled by this run."""
+    others = [r for r in rows if r is not best and r.ok and r.latency_median_ms is not None]
+    second = _fastest(others)
+    if best is None or second is None:
+        return second, False
+    close = second.latency_median_ms <= best.latency_median_ms * (1 + CLOSE_CALL)  # type: ignore[operator]
+    a, b = _round_medians(best), _round_medians(second)
+    overlap = bool(a and b) and min(b) <= max(a)
+    return second, close or overlap
+
+
+def _round_medians(r: BenchRecord) -> list[float]:
+    try:
+        return [float(v) for v in r.latency_round_medians.split()] if r.latency_rounds > 1 else []
+    except ValueError:  # a hand-edited record: fall back to the p50 alone
+        return []
 
 
 # A teacher deployment counts when its metric is within this of the teacher's PyTorch FP32 metric.
@@ -153,6 +186,7 @@ def headline(records: list[BenchRecord]) -> dict[str, Any]:
         arts = [r for r in rows if r.role == "student" and r.backend not in SOURCE_BACKENDS]
         kept = [r for r in arts if r.metric_retention is not None and r.metric_retention >= 0.97]
         art = _fastest(kept) or _fastest(arts)
+        second, close = runner_up(kept if art in kept else arts, art)
         output = art.output if art is not None else ""
         t_best, t_same = best_deployment(deployments([r for r in rows if r.role == "teacher"], teacher), output)
         groups: dict[str, list[BenchRecord]] = {}
@@ -171,7 +205,7 @@ def headline(records: list[BenchRecord]) -> dict[str, Any]:
                          student_artifact=art, artifact_rule="kept >= 97% of the teacher metric" if art in kept
                          else "none kept >= 97% of the teacher metric" if teacher and teacher.primary_value is not None
                          else "latency only", teacher_best=t_best, teacher_best_same_output=t_same,
-                         reference_best=ref_best)
+                         reference_best=ref_best, artifact_runner_up=second, artifact_close_call=close)
     return out
 
 
@@ -185,6 +219,10 @@ def headline_comparison(h: dict[str, Any]) -> list[str]:
         return []
     lines = [f"- **Headline: fastest student artifact `{a.label}`** ({_p50_min(a)}; {describe_output(a.output)}; "
              f"{h['artifact_rule']})"]
+    second = h.get("artifact_runner_up")
+    if second is not None and h.get("artifact_close_call"):
+        lines.append(f"  - too close to call on this machine: runner-up `{second.label}` {_p50_min(second)}"
+                     f"{_rounds_text(a, second)}")
     if tb is not None:
         metric = ""
         if t is not None and t.primary_value is not None:
@@ -204,6 +242,13 @@ def headline_comparison(h: dict[str, Any]) -> list[str]:
                      + (f"; vs `{name}` PyTorch FP32 ({describe_output(fp32.output)}, {_p50_min(fp32)}): "
                         f"{_times(a, fp32, bold=False)}" if fp32 is not None and fp32 is not best else ""))
     return lines
+
+
+def _rounds_text(a: BenchRecord, b: BenchRecord) -> str:
+    ra, rb = _round_medians(a), _round_medians(b)
+    if not ra or not rb:
+        return ""
+    return f" (round medians {' / '.join(_ms(v) for v in ra)} ms vs {' / '.join(_ms(v) for v in rb)} ms)"
 
 
 def headline_summary(h: dict[str, Any]) -> str:
@@ -299,7 +344,8 @@ def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list
     if not metrics:
         metrics = [PRIMARY_METRIC[k] for k in sorted(kinds) if k in PRIMARY_METRIC]
     head = (["model", "role", "backend", "precision", "int8 ops", "output", "threads", "batch", "input", "median ms",
-             "min", "p90", "p99", "max", "n", "latency / teacher", "x best teacher", "img/s", "load s", "peak RSS MB",
+             "min", "p90", "p99", "max", "n", "rounds", "engine ms", "runtime ms",
+             "latency / teacher", "x best teacher", "img/s", "load s", "peak RSS MB",
              "size MB", "params M", "GFLOPs"] + metrics + ["retention", "agree", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = best_teacher_rows(records)
@@ -308,7 +354,8 @@ def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list
         ratio_s = "–" if ratio is None else f"{ratio:.3f} ({1 / ratio:.1f}x)" if ratio > 0 else "–"
         cells = [f"`{r.model}`", r.role, r.backend, r.precision, _share(r), r.output or "–", str(r.threads),
                  str(r.batch), f"{r.input_h}x{r.input_w}", _ms(r.latency_median_ms), _ms(r.latency_min_ms),
-                 _ms(r.latency_p90_ms), _ms(r.latency_p99_ms), _ms(r.latency_max_ms), str(r.latency_n), ratio_s,
+                 _ms(r.latency_p90_ms), _ms(r.latency_p99_ms), _ms(r.latency_max_ms), str(r.latency_n),
+                 str(r.latency_rounds or "–"), _ms(r.latency_engine_ms), _ms(r.latency_runtime_ms), ratio_s,
                  _best_teacher_ratio(r, best), _f(r.throughput_ips, 1), _f(r.load_time_s, 2),
                  _f(r.peak_rss_mb, 0), _f(r.file_size_mb, 2), _f(r.params_m, 2), _f(r.gflops, 2)]
         cells += [_f(getattr(r, m), 2 if m == "hd95" else 4) for m in metrics]
@@ -334,6 +381,13 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
                      f"(`time.perf_counter`, GC paused); {tm.warmup} warm-up calls (and >= {tm.min_warmup_s} s), then "
                      f"at least {tm.min_iters} and at most {tm.max_iters} timed calls, stopping after {tm.budget_s} s "
                      "of timed calls (`n` = calls timed; with few calls p99 is close to max).")
+        rounds = max((r.latency_rounds for r in records), default=0)
+        if rounds > 1:
+            lines.append(f"- Rounds: rows under {ROUND_MAX_CALL_MS:.0f} ms per call were timed in {rounds} rounds "
+                         f"(a fresh process each, the rows visited in alternating order, "
+                         f"{tm.budget_s / rounds:.2g} s of timed calls per round); "
+                         "`median ms` is the median of the round medians and every pick of a fastest row uses it. "
+                         "Slower rows were timed once.")
         if tm.omp_wait_policy:
             lines.append(f"- Worker processes run with OMP_WAIT_POLICY={tm.omp_wait_policy} (idle OpenMP threads sleep "
                          "instead of spinning, which keeps PyTorch usable on a shared CPU).")
@@ -343,7 +397,12 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
         warn = (" **The CPU was shared with other work while timing: latencies are upper bounds.**"
                 if cpus and max(loads) > cpus else "")
         lines.append(f"- 1-minute load average while timing: {min(loads):.1f}-{max(loads):.1f} on {cpus} CPUs.{warn}")
-    lines += ["- Throughput = batch / median latency. Load time = building the model / session "
+    lines += ["- Artifact rows time their engine on a model compiled for the row's input shape with one reused "
+              "infer request, the input copied in and the output copied out (`timed_call`); timed call by call "
+              "beside it: `engine ms` = the same request on its bound input without copies (what OpenVINO's "
+              "`benchmark_app` reports) and `runtime ms` = the mirage-edge runtime's `Predictor.run` "
+              "(dynamic batch axis, input and output validation).",
+              "- Throughput = batch / median latency. Load time = building the model / session "
               "(incl. reading weights).",
               f"- Peak RSS: {rss or 'not measured'}.",
               "- GFLOPs: 2 x MACs of matmul/conv/attention of the PyTorch model at batch 1 "
@@ -520,4 +579,4 @@ def print_table(records: list[BenchRecord]) -> str:
 
 __all__ = ["render_markdown", "plot_pareto", "pareto_front", "write_report", "headline", "headline_lines", "teacher_rows",
            "latency_ratio", "print_table", "headline_comparison", "headline_summary", "best_deployment", "deployments",
-           "best_teacher_rows", "describe_output", "DEPLOYMENT_TOLERANCE"]
+           "best_teacher_rows", "describe_output", "DEPLOYMENT_TOLERANCE", "runner_up", "CLOSE_CALL"]

@@ -8,6 +8,7 @@ exact artifact a device ships); a suite `factory` can return any other `Runner`.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
@@ -196,6 +197,98 @@ def load_factory(ref: str) -> Callable[..., Runner]:
     return obj
 
 
+# ---------------------------------------------------------------------------------------------
+# what a row times
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TimedCalls:
+    """The calls one row times, interleaved call by call (`timing.measure_interleaved`).
+
+    `row` gives the row's latency. For an artifact it is its engine on a model compiled for the row's
+    fixed input shape, with one reused infer request: each call copies the input into the request's
+    own tensor and the output back to numpy (what an application feeding new images pays). `engine`
+    is the same request run on its already-bound input, no copies: what OpenVINO's `benchmark_app`
+    reports. `runtime` is the mirage-edge runtime's `Predictor.run` (the call path of `mirage-edge
+    predict`). Either may be None where it does not apply (PyTorch rows, TensorRT).
+    """
+
+    row: Callable[[], object]
+    engine: Callable[[], object] | None = None
+    runtime: Callable[[], object] | None = None
+    what: str = ""
+
+    def fns(self) -> dict[str, Callable[[], object]]:
+        return {name: fn for name, fn in (("row", self.row), ("engine", self.engine), ("runtime", self.runtime))
+                if fn is not None}
+
+
+def timed_calls(runner: Runner, x: np.ndarray, threads: int) -> TimedCalls:
+    """The calls to time for `runner` on input `x` (B x 1 x H x W float32) with `threads` threads.
+
+    OpenVINO: the runtime compiles the artifact with a dynamic batch axis; on the CPU plugin every
+    call then re-infers shapes and, when a new input array is passed, re-allocates the input, which
+    cost a small model 6-14 % per call (measured, see benchmarks/README.md "Cross-check"). A device
+    runs one batch size, so the row times a model reshaped to the row's batch, compiled with the same
+    properties as the runtime (the artifact's hints, `threads` threads), and `runtime` keeps the
+    runtime's own call path beside it. ONNX Runtime: the session's `run` (no reshape needed).
+    """
+    predictor = getattr(runner, "predictor", None)
+    engine = getattr(predictor, "engine", None)
+    if predictor is None or engine is None:
+        return TimedCalls(row=lambda: runner.infer(x), what=f"{runner.backend or 'model'} call")
+    name = predictor.meta.input_names[0]
+    out_name = predictor.meta.outputs[0].name
+    runtime = lambda: predictor.run(x)[out_name]  # noqa: E731 - the runtime's call path, as the bench ran it before
+    if len(predictor.meta.input_names) != 1 or not _batch_fits(predictor, x.shape[0]):
+        return TimedCalls(row=runtime, what=f"{engine.name} via Predictor.run (no fixed-shape path for this batch)")
+    if engine.name == "openvino":
+        return _openvino_calls(predictor, x, threads, runtime)
+    if engine.name == "onnxruntime":
+        session, feeds = engine.session, {name: x}
+        return TimedCalls(row=lambda: session.run([out_name], feeds)[0], runtime=runtime,
+                          what="onnxruntime session.run (output copied out)")
+    return TimedCalls(row=runtime, what=f"{engine.name} via Predictor.run")
+
+
+def _batch_fits(predictor: Any, batch: int) -> bool:
+    """Does one engine call take `batch` images (no split or padding by the runtime)?"""
+    spec = predictor.meta.inputs[0]
+    if "0" not in spec.dynamic_axes:
+        return int(spec.shape[0]) == batch
+    return len(spec.batch_range) != 2 or spec.batch_range[0] <= batch <= spec.batch_range[1]
+
+
+def _openvino_calls(predictor: Any, x: np.ndarray, threads: int, runtime: Callable[[], object]) -> TimedCalls:
+    import openvino as ov
+
+    from mirage_edge.runtime.backends import model_file
+
+    meta = predictor.meta
+    core = ov.Core()
+    model = core.read_model(str(model_file(predictor.artifact_dir, meta.format, meta.files)))
+    model.reshape({meta.input_names[0]: list(x.shape)})
+    # the runtime's own properties (OpenVinoBackend): the artifact's hints and the thread count
+    config = {k: str(v) for k, v in (meta.runtime.get("openvino") or {}).items() if str(v) != "default"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(int(threads))
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    src = np.ascontiguousarray(x)
+    dst = request.get_input_tensor(0).data
+
+    def row() -> np.ndarray:
+        dst[...] = src
+        request.infer()
+        return np.array(request.get_output_tensor(0).data, copy=True)
+
+    row()  # binds the input once, so `engine` runs on real data
+    batch = x.shape[0]
+    return TimedCalls(row=row, engine=request.infer, runtime=runtime,
+                      what=f"openvino, model reshaped to batch {batch}, one reused infer request, input copied in, "
+                           "output copied out")
+
+
 def make_input(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     """Deterministic B x 1 x H x W float32 input in [0, 1] for latency (dense compute ignores content)."""
     rng = np.random.default_rng(seed)
@@ -212,4 +305,5 @@ def cpu_threads_env(threads: int, omp_wait_policy: str = "") -> dict[str, str]:
     return env
 
 
-__all__ = ["NotApplicable", "Runner", "TorchRunner", "torch_gflops", "load_factory", "make_input", "dir_size_mb", "cpu_threads_env"]
+__all__ = ["NotApplicable", "Runner", "TorchRunner", "TimedCalls", "timed_calls", "torch_gflops", "load_factory",
+           "make_input", "dir_size_mb", "cpu_threads_env"]

@@ -5,6 +5,12 @@
 so a 2 ms student gets hundreds of samples for stable p99 while a 1 s ViT-L row still ends in a few
 seconds. Wall time per call is taken with `time.perf_counter`; the garbage collector is paused
 during the timed loop so a collection does not land inside one sample.
+
+`measure_interleaved` times several callables call by call in rotating order (e.g. one artifact's
+engine call and its runtime call path), so a burst of load from another process lands on all of
+them alike and their difference is meaningful on a shared CPU. `combine_rounds` merges the stats of
+one row timed in several rounds (fresh processes, interleaved with the other rows): the row's median
+is the median of its round medians, so one disturbed round neither wins nor loses a comparison.
 """
 from __future__ import annotations
 
@@ -82,6 +88,81 @@ def measure_latency(fn: Callable[[], object], *, warmup: int = 3, min_iters: int
     return LatencyStats.from_samples(samples, warmup=done)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 3, min_iters: int = 5,
+                        max_iters: int = 500, budget_s: float = 3.0,
+                        min_warmup_s: float = 0.0) -> tuple[dict[str, LatencyStats], dict[str, list[float]]]:
+    """Time every callable of `fns` call by call, rotating which goes first in each cycle.
+
+    The budget counts the timed calls of all callables together (the row costs what one callable
+    alone would); `min_iters` and `max_iters` apply to each. Returns ({name: stats}, {name: samples
+    in seconds}) - the samples let several rounds of one row be pooled (`combine_rounds`).
+    """
+    if not fns:
+        raise ValueError("nothing to time")
+    if min_iters < 1 or max_iters < min_iters:
+        raise ValueError(f"need 1 <= min_iters <= max_iters, got {min_iters}, {max_iters}")
+    names = list(fns)
+    t_start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - t_start) < min_warmup_s:
+        for name in names:
+            fns[name]()
+        done += 1
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        elapsed, cycle = 0.0, 0
+        while cycle < max_iters and (cycle < min_iters or elapsed < budget_s):
+            # rotate the order: a callable that always ran right after another would inherit its
+            # cache state and any spin-down of its threads
+            for name in names[cycle % len(names):] + names[:cycle % len(names)]:
+                t0 = time.perf_counter()
+                fns[name]()
+                dt = time.perf_counter() - t0
+                samples[name].append(dt)
+                elapsed += dt
+            cycle += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: LatencyStats.from_samples(samples[n], warmup=done) for n in names}, samples
+
+
+# Rows slower than this per call are timed in one round by `run.run_suite`: their budget holds few
+# calls anyway, and no comparison between them and the fast rows is close enough for load to flip it.
+ROUND_MAX_CALL_MS = 200.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundsSummary:
+    """One row timed in `rounds` rounds: `median_ms` = median of the round medians (the row's p50),
+    `best_round_ms` = the lowest round median, the other fields pooled over every timed call."""
+
+    median_ms: float
+    best_round_ms: float
+    round_medians_ms: tuple[float, ...]
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    min_ms: float
+    n: int
+    rounds: int
+
+
+def combine_rounds(round_medians_ms: list[float], samples_s: list[float] | np.ndarray) -> RoundsSummary:
+    """Merge the rounds of one row: per-round medians (ms) and every timed call pooled (seconds)."""
+    meds = [float(m) for m in round_medians_ms]
+    if not meds:
+        raise ValueError("no rounds to combine")
+    pooled = LatencyStats.from_samples(samples_s)
+    return RoundsSummary(median_ms=float(np.median(meds)), best_round_ms=min(meds), round_medians_ms=tuple(meds),
+                         p90_ms=pooled.p90_ms, p99_ms=pooled.p99_ms, max_ms=pooled.max_ms, mean_ms=pooled.mean_ms,
+                         min_ms=pooled.min_ms, n=pooled.n, rounds=len(meds))
+
+
 # ---------------------------------------------------------------------------------------------
 # peak resident memory
 # ---------------------------------------------------------------------------------------------
@@ -132,4 +213,5 @@ def load_average() -> float | None:
         return None
 
 
-__all__ = ["LatencyStats", "measure_latency", "peak_rss_mb", "current_rss_mb", "reset_peak_rss", "load_average"]
+__all__ = ["LatencyStats", "measure_latency", "measure_interleaved", "RoundsSummary", "combine_rounds",
+           "ROUND_MAX_CALL_MS", "peak_rss_mb", "current_rss_mb", "reset_peak_rss", "load_average"]

@@ -5,6 +5,11 @@ Runs in-process (`run_form`) or, by default, in a fresh process per form
 corrupted file can segfault a native library) then becomes an error row instead of ending the
 run, and each row's peak RSS is that of a process which loaded only this model.
 
+Each row times the calls of `runners.timed_calls` interleaved call by call: the row's own call
+(artifacts: the engine on a fixed-shape model, input copied in, output copied out) and, beside it,
+the engine alone and the runtime's `Predictor.run`. A spec with `timing_only` (a later round of
+`run.run_suite`, or `crosscheck`) only loads and times: no FLOP count, no evaluation.
+
 Peak RSS = the process's VmHWM after loading and timing (interpreter + libraries + model +
 activations), read before accuracy evaluation; in-process runs reset VmHWM before each load
 (`/proc/self/clear_refs`), so there it also includes whatever the parent process already held.
@@ -60,8 +65,10 @@ def make_runner(form: dict[str, Any]) -> Any:
 
 def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Benchmark one form. `spec` keys: form, timing, base (record fields shared by the run),
-    eval_batch, preds_path, isolated, allowed_backends. Returns BenchRecord dicts; never raises for
-    a model's own failure (that becomes a row with `status="error"` and the failing `stage`)."""
+    eval_batch, preds_path, isolated, allowed_backends, timing_only. Returns BenchRecord dicts, each
+    with the row's timed calls in seconds under the extra key `_samples` (pooled over rounds by the
+    caller, never serialised into records); never raises for a model's own failure (that becomes a
+    row with `status="error"` and the failing `stage`)."""
     form, tm, base = spec["form"], spec["timing"], dict(spec.get("base", {}))
     task = form.get("task") or None
     base.update(model=form["model"], role=form["role"], source=form["source"], backend=form.get("backend", ""),
@@ -94,6 +101,8 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
                           threads=tm["threads"][0])]
 
     records: list[BenchRecord] = []
+    samples: dict[int, list[float]] = {}  # id(record) -> the row's timed calls (s)
+    timing_only = bool(spec.get("timing_only"))
     flops: dict[int, float | None] = {}  # per input size, counted once per form
     for threads in tm["threads"]:
         _timing.reset_peak_rss()
@@ -122,7 +131,10 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 except Exception as exc:  # noqa: BLE001
                     rec.status, rec.stage, rec.error = "error", "latency", _error_text(exc)
                     continue
-                _time_row(runner, rec, tm, batch, size)
+                samples[id(rec)] = _time_row(runner, rec, tm, batch, size, threads)
+        if timing_only:
+            records.extend(rows)
+            continue
         try:
             size_mb, params = runner.file_size_mb(), runner.params_m()
             for s in tm["input_sizes"]:
@@ -134,31 +146,43 @@ def run_form(spec: dict[str, Any]) -> list[dict[str, Any]]:
         for rec in rows:
             rec.file_size_mb, rec.params_m, rec.gflops = size_mb, params, flops.get(rec.input_h)
         records.extend(rows)
-    _evaluate(runner, task, spec, records)
+    if not timing_only:
+        _evaluate(runner, task, spec, records)
     runner.close()
-    return [dataclasses.asdict(r) for r in records]
+    return [{**dataclasses.asdict(r), "_samples": samples.get(id(r), [])} for r in records]
 
 
-def _time_row(runner: Any, rec: BenchRecord, tm: dict[str, Any], batch: int, size: int) -> None:
+def _time_row(runner: Any, rec: BenchRecord, tm: dict[str, Any], batch: int, size: int,
+              threads: int) -> list[float]:
+    """Time one row (see `runners.timed_calls`); returns the row call's samples in seconds."""
     from mirage_edge.bench.hardware import PowerSampler
-    from mirage_edge.bench.runners import make_input
+    from mirage_edge.bench.runners import make_input, timed_calls
 
     x = make_input(batch, size, size)
     try:
+        calls = timed_calls(runner, x, threads)
         with PowerSampler() as power:
-            stats = _timing.measure_latency(lambda: runner.infer(x), warmup=tm["warmup"], min_iters=tm["min_iters"],
-                                            max_iters=tm["max_iters"], budget_s=tm["budget_s"],
-                                            min_warmup_s=tm["min_warmup_s"])
+            stats, samples = _timing.measure_interleaved(calls.fns(), warmup=tm["warmup"], min_iters=tm["min_iters"],
+                                                         max_iters=tm["max_iters"], budget_s=tm["budget_s"],
+                                                         min_warmup_s=tm["min_warmup_s"])
+        what = calls.what
+        del calls  # a fixed-shape copy of an artifact's model is released before the next row
     except Exception as exc:  # noqa: BLE001
         rec.status, rec.stage, rec.error = "error", "latency", _error_text(exc)
-        return
-    rec.latency_median_ms, rec.latency_p90_ms, rec.latency_p99_ms = stats.median_ms, stats.p90_ms, stats.p99_ms
-    rec.latency_max_ms, rec.latency_mean_ms, rec.latency_min_ms = stats.max_ms, stats.mean_ms, stats.min_ms
-    rec.latency_n = stats.n
-    rec.throughput_ips = batch * 1000.0 / stats.median_ms if stats.median_ms > 0 else None
+        return []
+    row = stats["row"]
+    rec.latency_median_ms, rec.latency_p90_ms, rec.latency_p99_ms = row.median_ms, row.p90_ms, row.p99_ms
+    rec.latency_max_ms, rec.latency_mean_ms, rec.latency_min_ms = row.max_ms, row.mean_ms, row.min_ms
+    rec.latency_n, rec.latency_rounds = row.n, 1
+    rec.latency_round_medians, rec.latency_best_round_ms = f"{row.median_ms:.4g}", row.median_ms
+    rec.throughput_ips = batch * 1000.0 / row.median_ms if row.median_ms > 0 else None
+    rec.latency_engine_ms = stats["engine"].median_ms if "engine" in stats else None
+    rec.latency_runtime_ms = stats["runtime"].median_ms if "runtime" in stats else None
+    rec.timed_call = what
     rec.peak_rss_mb = _timing.peak_rss_mb()
     rec.power_w = power.mean_w
     rec.load_avg = _timing.load_average()
+    return samples["row"]
 
 
 def _evaluate(runner: Any, task: dict[str, Any] | None, spec: dict[str, Any], records: list[BenchRecord]) -> None:
