@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -524,7 +525,9 @@ def test_report(teacher: Teacher, fp32: nn.Module, onnx_path: Path | None, test:
     """Teacher / FP32 / INT8-ORT metrics on the test split, retention and agreement; with the
     labels-only twin, its metrics and the KD gain (distilled - twin, bootstrap 95% CI)."""
     bs = recipe.run.eval_batch_size
-    rep: dict[str, Any] = {"n": len(test)}
+    # every form below is scored on exactly these images, in this order (ids hashed: an archive has many)
+    ids = "\n".join(s.id for s in test.samples)
+    rep: dict[str, Any] = {"n": len(test), "images_sha256": hashlib.sha256(ids.encode()).hexdigest()}
     enc = getattr(fp32, "encoder", fp32)
     if isinstance(enc, ProjectedStudent):
         rep["feature_cosine"] = ev.feature_cosine(test, enc.forward_features, teacher, bs)
