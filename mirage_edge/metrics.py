@@ -288,6 +288,23 @@ def paired_bootstrap(task: str, pred_a: np.ndarray, pred_b: np.ndarray, target: 
     "n_boot", "level", "unit": "B-scan" | "image"}.
     """
     rng = np.random.default_rng(seed)
+    if task == "segmentation" and isinstance(target, (list, tuple)):
+        # masks at their own sizes (a test set's native resolution): predictions resized to each
+        if not (len(pred_a) == len(pred_b) == len(target)):
+            raise InputError(f"paired_bootstrap needs as many predictions as targets, got {len(pred_a)}, "
+                             f"{len(pred_b)}, {len(target)}")
+        n = len(target)
+        vols = list(volume_ids) if volume_ids is not None else ["0"] * n
+        scored = scored_classes(classes, ignore)
+        w = np.vstack([np.ones((1, n)), _resample_weights(vols, n_boot, rng)])
+
+        def counts(pred: Sequence[np.ndarray]) -> np.ndarray:
+            return np.concatenate([_dice_counts(_resize_nearest(np.asarray(p), np.shape(t))[None],
+                                                np.asarray(t)[None], scored) for p, t in zip(pred, target)])
+
+        va, vb = _volume_dice(counts(pred_a), vols, w), _volume_dice(counts(pred_b), vols, w)
+        unit = "B-scan"
+        return _bootstrap_result(va, vb, n_boot, level, unit)
     pred_a, pred_b, target = np.asarray(pred_a), np.asarray(pred_b), np.asarray(target)
     if not (pred_a.shape == pred_b.shape == target.shape):
         raise InputError(f"paired_bootstrap needs equal shapes, got {pred_a.shape}, {pred_b.shape}, {target.shape}")
@@ -315,6 +332,11 @@ def paired_bootstrap(task: str, pred_a: np.ndarray, pred_b: np.ndarray, target: 
         unit = "image"
     else:
         raise InputError(f"paired_bootstrap: task must be segmentation or classification, got {task!r}")
+    return _bootstrap_result(va, vb, n_boot, level, unit)
+
+
+def _bootstrap_result(va: np.ndarray, vb: np.ndarray, n_boot: int, level: float, unit: str) -> dict[str, Any]:
+    """Point estimates (row 0) and percentile CIs (the resamples) of A, B and A - B."""
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
 
     def ci(v: np.ndarray) -> list[float]:
@@ -327,13 +349,14 @@ def paired_bootstrap(task: str, pred_a: np.ndarray, pred_b: np.ndarray, target: 
 
 def presence_auroc(probs: np.ndarray, target: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
     """Per-B-scan presence AUROC for each class: score = the class's highest pixel probability in the
-    slice, positive = the class occurs in the slice's ground truth. probs N x K x H x W, target N x H x W.
-    A class present in every slice or in none gets no entry (AUROC undefined)."""
+    slice, positive = the class occurs in the slice's ground truth. probs N x K x H x W, target N x H x W
+    or a list of N masks at their own sizes (presence read at full resolution, where a few-pixel lesion
+    still exists). A class present in every slice or in none gets no entry (AUROC undefined)."""
     from sklearn.metrics import roc_auc_score
 
     out = {}
     for c in classes:
-        y = (target == c).reshape(len(target), -1).any(1)
+        y = np.array([bool((np.asarray(t) == c).any()) for t in target])
         if y.all() or not y.any():
             continue
         out[int(c)] = float(roc_auc_score(y, probs[:, c].reshape(len(probs), -1).max(1)))

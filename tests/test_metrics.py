@@ -163,3 +163,29 @@ def test_segmentation_resizes_pred_and_handles_invalid():
         segmentation_metrics([t], [t, t], ["v"], 3)
     with pytest.raises(InputError):
         segmentation_metrics([t + 5], [t], ["v"], 3)
+
+
+def test_paired_bootstrap_and_presence_take_masks_at_their_own_size():
+    """distill scores the test split against each mask at its file's size: lists of masks, the
+    predictions resized (nearest) to them, must give what arrays of equal size give."""
+    import numpy as np
+
+    from mirage_edge.metrics import paired_bootstrap, presence_auroc
+
+    rng = np.random.default_rng(0)
+    target = (rng.random((6, 8, 8)) > 0.8).astype(np.int64)
+    target[0] = 0  # one slice without the class, so presence AUROC is defined
+    a, b = target.copy(), np.zeros_like(target)
+    a[:, 0, 0] = 1
+    vols = ["v1"] * 3 + ["v2"] * 3
+    ref = paired_bootstrap("segmentation", a, b, target, vols, 2, (0,), n_boot=200, seed=1)
+    same = paired_bootstrap("segmentation", a, b, list(target), vols, 2, (0,), n_boot=200, seed=1)
+    assert same == ref
+    # targets at twice the size: each prediction pixel covers 2 x 2 target pixels
+    big = [t.repeat(2, 0).repeat(2, 1) for t in target]
+    up = paired_bootstrap("segmentation", a, b, big, vols, 2, (0,), n_boot=200, seed=1)
+    assert up["a"] == pytest.approx(ref["a"]) and up["b"] == ref["b"] == 0.0
+    probs = np.stack([1 - target, target], 1).astype(np.float64)
+    probs[:, 1] += rng.random(probs[:, 1].shape) * 0.5
+    auc = presence_auroc(probs, target, [1])
+    assert 1 in auc and presence_auroc(probs, big, [1]) == auc

@@ -143,11 +143,21 @@ class DistillSamples(Dataset):
 
     def _label(self, s: Sample) -> np.ndarray | int | None:
         if s.mask is not None:
-            raw = read_image(s.mask)
-            # values missing from INFO.json fail naming the mask, rather than becoming "ignore" (-1)
-            mask = self.index.info.class_map(raw, s.mask) if self.index.info is not None else raw
-            return resize_mask(mask.astype(np.int64), self.spec.size)
+            return resize_mask(self._class_mask(s).astype(np.int64), self.spec.size)
         return s.label
+
+    def _class_mask(self, s: Sample) -> np.ndarray:
+        raw = read_image(s.mask)
+        # values missing from INFO.json fail naming the mask, rather than becoming "ignore" (-1)
+        return self.index.info.class_map(raw, s.mask) if self.index.info is not None else raw
+
+    def native_label(self, i: int) -> np.ndarray | int | None:
+        """Sample i's label as the file has it: a mask at its own size (H0 x W0, int16), not resized
+        to the model's input - what test scores are computed against (§13) - or the class index."""
+        s = self.samples[i]
+        if not self.labels or i >= self.n_labelled:
+            return None
+        return self._class_mask(s).astype(np.int16) if s.mask is not None else s.label
 
     def load(self, i: int, view: int = 0) -> dict[str, Any]:
         """Item i in augmentation view `view` (no cache lookup)."""

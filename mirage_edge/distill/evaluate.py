@@ -36,6 +36,15 @@ def collect(ds: DistillSamples, predict: Predict, batch_size: int = 16) -> tuple
     return np.concatenate(outs), (np.concatenate(labels) if labels else None)
 
 
+def native_truth(task: str, labels: np.ndarray, ds: DistillSamples) -> Any:
+    """What test scores are computed against: segmentation masks at each file's own size (predictions
+    are resized to them, nearest, as fine-tuning scores), so a student's, a teacher's and fine-tuning's
+    Dice on one image agree; classification labels as they are."""
+    if task != "segmentation":
+        return labels
+    return [ds.native_label(i) for i in range(len(ds))]
+
+
 def task_metrics(task: str, logits: np.ndarray, labels: np.ndarray, ds: DistillSamples,
                  hd95: bool = True) -> dict[str, float]:
     """Headline metrics of one model: seg -> per-volume Dice etc.; cls -> BAcc etc."""

@@ -543,6 +543,7 @@ def test_report(teacher: Teacher, fp32: nn.Module, onnx_path: Path | None, test:
     s_logits, _ = ev.collect(test, fp32, bs)
     if labels is None:
         raise DataError(f"test split of {recipe.data.path} has no labels")
+    labels = ev.native_truth(task, labels, test)  # segmentation: scored at each mask's own size
     mt, ms = ev.task_metrics(task, t_logits, labels, test), ev.task_metrics(task, s_logits, labels, test)
     key, tv = ev.headline(task, mt)
     sv = ms[key]
