@@ -332,7 +332,9 @@ def _bench(out: Path, bench_dir: Path, plan: DemoPlan, threads: int, say: Callab
     if not plan.isolate:
         overrides.append("timing.min_warmup_s=0.0")
     models = ["teacher", "student", "student-qat", "student-labels-only", *plan.references]
-    return bench("synthetic", out_dir=bench_dir, overrides=overrides, models=models, progress=say)
+    # --fast is a smoke run: one timing round (the suite's 3 rounds triple the demo's timing)
+    return bench("synthetic", out_dir=bench_dir, overrides=overrides, models=models, progress=say,
+                 rounds=1 if plan == DemoPlan.fast() else None)
 
 
 __all__ = ["run_demo", "DemoPlan", "DemoResult"]

@@ -16,6 +16,17 @@ from mirage_edge.bench.record import (CLS_METRICS, PRIMARY_METRIC, SEG_METRICS, 
 
 Key = tuple[str, int, int, int]  # task, threads, batch, input size
 
+# The INT8 peak INT8 rows are compared with when the suite gives none (`timing.int8_peak_gops = 0`):
+# measured, not a datasheet figure. ../shared/research/cpu_baseline/results/peak_flops.json,
+# "ort_int8_u8s8_4096": a 4096^3 int8 matmul in ONNX Runtime (MLAS, U8S8), median of 12 calls at
+# 2 threads on a 2-vCPU AMD EPYC (Zen 5, avx512_vnni) KVM guest. It holds for that CPU class only,
+# so it applies to rows whose machine matches `INT8_PEAK_CPU` and that ran at `INT8_PEAK_THREADS`.
+INT8_PEAK_GOPS = 1166.1
+INT8_PEAK_THREADS = 2
+INT8_PEAK_CPU = ("AMD EPYC", "avx512_vnni")  # cpu_model prefix, cpu flag
+INT8_PEAK_SOURCE = ("ONNX Runtime (MLAS U8S8) 4096^3 int8 matmul, 2 threads, AMD EPYC avx512_vnni KVM guest "
+                    "(../shared/research/cpu_baseline/results/peak_flops.json)")
+
 
 def _key(r: BenchRecord) -> Key:
     return (r.task, r.threads, r.batch, r.input_h)
@@ -31,6 +42,35 @@ def _ms(v: float | None) -> str:
     if v is None:
         return "–"
     return f"{v:.1f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def gops(r: BenchRecord) -> float | None:
+    """Achieved GOP/s of a row (GFLOP/s for float rows): its GFLOPs at batch 1 x batch / median seconds."""
+    if not r.gflops or not r.latency_median_ms:
+        return None
+    return r.gflops * r.batch / (r.latency_median_ms / 1e3)
+
+
+def int8_peak(r: BenchRecord, timing: Any = None) -> float | None:
+    """The INT8 peak (GOP/s) row `r` is compared with, or None: only INT8 rows on a CPU at the
+    peak's thread count; `timing.int8_peak_gops` when set, else `INT8_PEAK_GOPS` on its CPU class."""
+    if r.precision != "int8" or r.device != "cpu":
+        return None
+    peak = float(getattr(timing, "int8_peak_gops", 0.0) or 0.0)
+    threads = int(getattr(timing, "peak_threads", INT8_PEAK_THREADS) or INT8_PEAK_THREADS)
+    if not peak:
+        model, flag = INT8_PEAK_CPU
+        if not (r.cpu_model.startswith(model) and flag in r.cpu_flags.replace(",", " ").split()):
+            return None
+        peak, threads = INT8_PEAK_GOPS, INT8_PEAK_THREADS
+    # the peak was measured at one thread count; other counts would need another measurement
+    return peak if r.threads == threads else None
+
+
+def peak_share(r: BenchRecord, timing: Any = None) -> float | None:
+    """GOP/s / INT8 peak (0..1) of an INT8 CPU row; None where either is unknown."""
+    achieved, peak = gops(r), int8_peak(r, timing)
+    return None if achieved is None or not peak else achieved / peak
 
 
 def teacher_rows(records: Iterable[BenchRecord]) -> dict[Key, BenchRecord]:
@@ -338,7 +378,11 @@ def _share(r: BenchRecord) -> str:
     return "?" if r.quantized_share is None else f"{100 * r.quantized_share:.0f}%"
 
 
-def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list[str]:
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.1f}%"
+
+
+def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord], timing: Any = None) -> list[str]:
     kinds = {r.task_kind for r in records}
     metrics = [m for m in (*CLS_METRICS, *SEG_METRICS) if any(getattr(r, m) is not None for r in records)]
     if not metrics:
@@ -346,7 +390,7 @@ def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list
     head = (["model", "role", "backend", "precision", "int8 ops", "output", "threads", "batch", "input", "median ms",
              "min", "p90", "p99", "max", "n", "rounds", "engine ms", "runtime ms",
              "latency / teacher", "x best teacher", "img/s", "load s", "peak RSS MB",
-             "size MB", "params M", "GFLOPs"] + metrics + ["retention", "agree", "notes"])
+             "size MB", "params M", "GFLOPs", "GOP/s", "% INT8 peak"] + metrics + ["retention", "agree", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = best_teacher_rows(records)
     for r in records:
@@ -357,7 +401,8 @@ def _table(records: list[BenchRecord], teachers: dict[Key, BenchRecord]) -> list
                  _ms(r.latency_p90_ms), _ms(r.latency_p99_ms), _ms(r.latency_max_ms), str(r.latency_n),
                  str(r.latency_rounds or "–"), _ms(r.latency_engine_ms), _ms(r.latency_runtime_ms), ratio_s,
                  _best_teacher_ratio(r, best), _f(r.throughput_ips, 1), _f(r.load_time_s, 2),
-                 _f(r.peak_rss_mb, 0), _f(r.file_size_mb, 2), _f(r.params_m, 2), _f(r.gflops, 2)]
+                 _f(r.peak_rss_mb, 0), _f(r.file_size_mb, 2), _f(r.params_m, 2), _f(r.gflops, 2), _f(gops(r), 1),
+                 _pct(peak_share(r, timing))]
         cells += [_f(getattr(r, m), 2 if m == "hd95" else 4) for m in metrics]
         cells += [_f(None if r.metric_retention is None else 100 * r.metric_retention, 1) + ("%" if
                   r.metric_retention is not None else ""), _f(r.teacher_agreement, 4), r.notes.replace("|", "/")]
@@ -407,6 +452,8 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
               f"- Peak RSS: {rss or 'not measured'}.",
               "- GFLOPs: 2 x MACs of matmul/conv/attention of the PyTorch model at batch 1 "
               "(torch FlopCounterMode); exported rows reuse their PyTorch model's count.",
+              "- GOP/s = GFLOPs x batch / median seconds (GFLOP/s for float rows; ops the model needs, not the "
+              "ops the engine executes). `% INT8 peak` = GOP/s / " + _peak_text(tm) + ".",
               "- Accuracy: each row's own model or artifact, with its own preprocessing, on the task's split; "
               "retention = row metric / teacher PyTorch metric; agreement = same top-1 class (cls) or mean "
               "foreground Dice between the two predicted masks (seg).",
@@ -426,7 +473,7 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
         kind = rows[0].task_kind
         lines += [f"## Results: task `{task or '(none)'}`" + (f" ({kind}; primary metric "
                   f"{PRIMARY_METRIC.get(kind, '?')})" if kind else ""), ""]
-        lines += _table(rows, teachers) + [""]
+        lines += _table(rows, teachers, tm) + [""]
     bad = [r for r in records if r.status != "ok"]
     if bad:
         lines += ["## Not run or failed", "", "| model | backend | precision | task | source | status | stage | error |",
@@ -438,6 +485,17 @@ def render_markdown(records: list[BenchRecord], hw: HardwareInfo, *, suite: Any 
     if plot_name:
         lines += ["## Latency vs. metric", "", f"![latency vs metric]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _peak_text(tm: Any) -> str:
+    """Where the INT8 peak of the Method section comes from."""
+    peak = float(getattr(tm, "int8_peak_gops", 0.0) or 0.0)
+    if peak:
+        return (f"{peak:g} GOP/s (the suite's `timing.int8_peak_gops`), for INT8 CPU rows at "
+                f"{getattr(tm, 'peak_threads', INT8_PEAK_THREADS)} threads")
+    return (f"{INT8_PEAK_GOPS:g} GOP/s, the INT8 peak measured as an {INT8_PEAK_SOURCE}; shown for INT8 CPU rows "
+            f"at {INT8_PEAK_THREADS} threads on a `{INT8_PEAK_CPU[0]}` CPU with `{INT8_PEAK_CPU[1]}` (a suite's "
+            "`timing.int8_peak_gops` sets another)")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -579,4 +637,5 @@ def print_table(records: list[BenchRecord]) -> str:
 
 __all__ = ["render_markdown", "plot_pareto", "pareto_front", "write_report", "headline", "headline_lines", "teacher_rows",
            "latency_ratio", "print_table", "headline_comparison", "headline_summary", "best_deployment", "deployments",
-           "best_teacher_rows", "describe_output", "DEPLOYMENT_TOLERANCE", "runner_up", "CLOSE_CALL"]
+           "best_teacher_rows", "describe_output", "DEPLOYMENT_TOLERANCE", "runner_up", "CLOSE_CALL", "gops", "int8_peak",
+           "peak_share", "INT8_PEAK_GOPS", "INT8_PEAK_THREADS", "INT8_PEAK_CPU", "INT8_PEAK_SOURCE"]

@@ -33,9 +33,6 @@ from mirage_edge.bench.worker import run_form
 
 Progress = Callable[[str], None]
 
-# Timing rounds per row unless the caller says otherwise (see the module docstring).
-DEFAULT_ROUNDS = 3
-
 
 @dataclasses.dataclass
 class BenchResult:
@@ -103,14 +100,14 @@ def run_suite(suite: BenchSuite, out_dir: str | Path, *, backends: list[str] | N
               precisions: list[str] | None = None, models: list[str] | None = None, isolate: bool | None = None,
               rounds: int | None = None, progress: Progress | None = None) -> BenchResult:
     """Benchmark every form of `suite` and write the records and report to `out_dir`; `rounds`
-    (default `DEFAULT_ROUNDS`) = timing rounds of the fast rows."""
+    (default: the suite's `timing.rounds`) = timing rounds of the fast rows."""
     say = progress or _progress
     out = Path(out_dir)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     tm = suite.timing
     isolated = tm.isolate if isolate is None else isolate
-    rounds = DEFAULT_ROUNDS if rounds is None else int(rounds)
+    rounds = tm.rounds if rounds is None else int(rounds)
     if rounds < 1:
         from mirage_edge.errors import ConfigError
 

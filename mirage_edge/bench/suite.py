@@ -22,6 +22,8 @@ from mirage_edge.errors import ConfigError
 Role = Literal["teacher", "student", "reference", "candidate", "baseline"]  # baseline: labels-only twin
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt", "callable")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# Timing rounds per row (`timing.rounds`) unless `mirage-edge bench --rounds` says otherwise.
+DEFAULT_ROUNDS = 3
 
 
 @dataclass
@@ -43,6 +45,13 @@ class TimingConfig:
     # PyTorch's OpenMP pool slow calls by 100x (measured: 6.7 ms -> 810 ms at load 10 on 2 cores);
     # "" keeps the library default. Applied to isolated workers (set before the library loads).
     omp_wait_policy: str = "PASSIVE"
+    # rows under `timing.ROUND_MAX_CALL_MS` per call are timed in this many interleaved rounds (fresh
+    # processes, `budget_s / rounds` each); 1 times every row once. `--rounds` overrides it.
+    rounds: int = DEFAULT_ROUNDS
+    # INT8 peak (GOP/s at `peak_threads` threads) the report divides INT8 CPU rows' GOP/s by; 0 = the
+    # measured baseline (`report.INT8_PEAK_GOPS`) on the CPU class it was measured on, nothing elsewhere
+    int8_peak_gops: float = 0.0
+    peak_threads: int = 2
 
     def __post_init__(self) -> None:
         for name in ("threads", "batch_sizes", "input_sizes"):
@@ -51,6 +60,11 @@ class TimingConfig:
                 raise ValueError(f"timing.{name} must be a non-empty list of positive integers, got {values}")
         if self.min_iters < 1 or self.max_iters < self.min_iters:
             raise ValueError(f"need 1 <= timing.min_iters <= timing.max_iters, got {self.min_iters}, {self.max_iters}")
+        if self.rounds < 1:
+            raise ValueError(f"timing.rounds must be >= 1, got {self.rounds}")
+        if self.int8_peak_gops < 0 or self.peak_threads < 1:
+            raise ValueError(f"need timing.int8_peak_gops >= 0 and timing.peak_threads >= 1, got "
+                             f"{self.int8_peak_gops}, {self.peak_threads}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"timing.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -232,4 +246,4 @@ def allowed_backends(form: Form, backends: list[str] | None) -> set[str] | None:
 
 
 __all__ = ["BenchSuite", "TimingConfig", "TaskSpec", "SynthSpec", "ModelSpec", "Form", "load_suite", "resolve_suite", "plan_forms",
-           "expand", "allowed_backends", "BACKENDS", "PRECISIONS"]
+           "expand", "allowed_backends", "BACKENDS", "PRECISIONS", "DEFAULT_ROUNDS"]

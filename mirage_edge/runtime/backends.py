@@ -2,13 +2,14 @@
 
 Each backend takes already-preprocessed float32 arrays {input name: N x 1 x H x W} and returns
 {output name: array}. All three are safe to call from several threads: an ORT session's `run`
-is thread-safe; OpenVINO gets one infer request per concurrent caller from a pool; TensorRT runs
-one execution context under a lock.
+is thread-safe; OpenVINO gets one infer request per concurrent caller from a pool (one pool per
+input shape); TensorRT runs one execution context under a lock.
 """
 from __future__ import annotations
 
 import queue
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -58,38 +59,113 @@ class OnnxRuntimeBackend(Backend):
 
 
 class OpenVinoBackend(Backend):
-    """OpenVINO compiled model; `hints` are plugin properties (e.g. INFERENCE_PRECISION_HINT=f32)."""
+    """OpenVINO compiled model; `hints` are plugin properties (e.g. INFERENCE_PRECISION_HINT=f32).
+
+    Exported models keep a dynamic batch axis (? x 1 x H x W). Run as is, the CPU plugin re-infers
+    shapes on every call and re-allocates the input whenever a new array is passed: +11-14 % per
+    call on a small INT8 student (benchmarks/README.md, "Cross-check"). So each input shape seen gets
+    its own copy of the model reshaped to that shape and compiled with the same properties, and its
+    infer requests are reused: a call copies the input into the request's own tensor and the output
+    out. At most `max_shapes` compiled shapes are kept (least recently used dropped first); batch
+    `max(1, lower bound)` is compiled at load, so a broken file or device fails there.
+    """
 
     name = "openvino"
 
     def __init__(self, path: str | Path, device: str = "CPU", threads: int | None = None,
-                 hints: dict[str, Any] | None = None) -> None:
+                 hints: dict[str, Any] | None = None, max_shapes: int = 4) -> None:
         ov = require("openvino", "running OpenVINO artifacts")
-        core = ov.Core()
-        config = {k: str(v) for k, v in (hints or {}).items() if str(v) != "default"}
+        if max_shapes < 1:
+            raise MirageEdgeError(f"max_shapes must be >= 1, got {max_shapes}")
+        self._ov = ov
+        self._core = ov.Core()
+        self._device = device
+        self._path = Path(path)
+        self._config = {k: str(v) for k, v in (hints or {}).items() if str(v) != "default"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = str(int(threads))
+            self._config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        self.max_shapes = int(max_shapes)
         try:
-            model = core.read_model(str(path))
-            self.compiled = core.compile_model(model, device, config)
+            self._model = self._core.read_model(str(path))
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
             raise ArtifactError(f"OpenVINO cannot load {path} on {device}: {exc}") from exc
-        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
-        self._pool: queue.SimpleQueue = queue.SimpleQueue()
+        self.input_names = [p.get_any_name() for p in self._model.inputs]
+        self.output_names = [p.get_any_name() for p in self._model.outputs]
+        self._partial = [p.get_partial_shape() for p in self._model.inputs]
+        # shape key -> (compiled model, pool of its idle infer requests); guarded by _lock
+        self._cache: OrderedDict[tuple, tuple[Any, queue.SimpleQueue]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._compile_lock = threading.Lock()  # reshaping clones of one ov.Model is not thread-safe
+        first = self._load_shape()
+        self.compiled = self._entry(first)[0] if first is not None else self._compile(None)
         self.version = ov.get_version()
 
+    def _load_shape(self) -> tuple | None:
+        """The shape key compiled at load: batch axis at max(1, its lower bound); None when another
+        axis is dynamic (then only the calls' shapes are compiled)."""
+        key = []
+        for ps in self._partial:
+            if ps.rank.is_dynamic or any(ps[i].is_dynamic for i in range(1, len(ps))):
+                return None
+            dims = [d.get_length() if d.is_static else None for d in ps]
+            if dims[0] is None:
+                dims[0] = max(1, ps[0].get_min_length())
+            key.append(tuple(dims))
+        return tuple(key)
+
+    def _compile(self, key: tuple | None) -> Any:
+        """Compile the model reshaped to `key` (one shape per input; None: as exported)."""
+        with self._compile_lock:
+            try:
+                model = self._model
+                if key is not None and any(ps.is_dynamic for ps in self._partial):
+                    model = self._model.clone()
+                    model.reshape({i: self._ov.PartialShape(list(shape)) for i, shape in enumerate(key)})
+                return self._core.compile_model(model, self._device, self._config)
+            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+                what = "" if key is None else f" for input shapes {[list(k) for k in key]}"
+                raise ArtifactError(f"OpenVINO cannot compile {self._path} on {self._device}{what}: {exc}") from exc
+
+    def _entry(self, key: tuple) -> tuple[Any, queue.SimpleQueue]:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+                return entry
+        compiled = self._compile(key)  # outside _lock: calls on shapes already compiled go on meanwhile
+        with self._lock:
+            entry = self._cache.setdefault(key, (compiled, queue.SimpleQueue()))
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_shapes:
+                # a caller still holding an evicted entry finishes with it; only the cache lets go
+                self._cache.popitem(last=False)
+            return entry
+
+    def cached_shapes(self) -> list[tuple]:
+        """Shape keys compiled now (one tuple of input shapes each), least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = [feeds[name] for name in self.input_names]
+        key = tuple(tuple(int(d) for d in a.shape) for a in arrays)
+        for name, ps, shape in zip(self.input_names, self._partial, key):
+            if not ps.compatible(self._ov.PartialShape(list(shape))):
+                raise MirageEdgeError(f"{self._path}: input {name} of shape {list(shape)} does not fit the "
+                                      f"model's {ps}")
+        compiled, pool = self._entry(key)
         try:
-            req = self._pool.get_nowait()
+            req = pool.get_nowait()
         except queue.Empty:
-            req = self.compiled.create_infer_request()
+            req = compiled.create_infer_request()
         try:
-            req.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            for i, a in enumerate(arrays):
+                req.get_input_tensor(i).data[...] = a
+            req.infer()
             return {name: np.array(req.get_output_tensor(i).data, copy=True)
                     for i, name in enumerate(self.output_names)}
         finally:
-            self._pool.put(req)
+            pool.put(req)
 
 
 class TensorRTBackend(Backend):
