@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "demo": "mirage_edge.bench.cli:demo_cmd",
     "train": "mirage_edge.train.cli:train",
     "distill": "mirage_edge.distill.cli:distill_cmd",
+    "cv": "mirage_edge.bench.cv.cli:cv_cmd",
 }
 
 
