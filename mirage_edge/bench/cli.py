@@ -45,7 +45,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--no-isolate", is_flag=True, help="Run every row in this process (faster; no crash isolation).")
 @click.option("--set", "overrides", multiple=True, help="Suite override key=value (e.g. timing.warmup=5).")
 @click.option("--rounds", type=int, default=None,
-              help="Timing rounds of the rows under 200 ms per call, interleaved across rows [3].")
+              help="Timing rounds of the rows under 200 ms per call, interleaved across rows "
+                   "[the suite's timing.rounds: 3].")
 @click.pass_context
 def bench_cmd(ctx: click.Context, suite_name: str, out_dir: str | None, root: str | None, data: str | None,
               models: tuple[str, ...], checkpoints: tuple[str, ...], artifacts: tuple[str, ...], backends: tuple[str, ...],
@@ -60,9 +61,10 @@ def bench_cmd(ctx: click.Context, suite_name: str, out_dir: str | None, root: st
       mirage-edge bench --suite duke-dme-fluid --data /data --root runs/duke --threads 1,2
       mirage-edge bench --suite synthetic --artifact runs/export/student-int8 --backend openvino
       mirage-edge bench crosscheck runs/export/student/openvino-int8 --threads 2 --rounds 5
+      mirage-edge bench breakdown runs/export/student/openvino-int8 --threads 2
     """
     if ctx.invoked_subcommand is not None:
-        return  # `mirage-edge bench crosscheck ...`: the suite options do not apply
+        return  # `mirage-edge bench crosscheck|breakdown ...`: the suite options do not apply
     from mirage_edge.bench.run import bench
 
     sets = list(overrides)
@@ -118,6 +120,41 @@ def crosscheck_cmd(artifact: str, threads: int, rounds: int, seconds: int, batch
         click.echo(line)
     folder = Path(artifact).resolve()
     default = Path("bench-out") / "crosscheck" / f"{folder.parent.name}-{folder.name}.json"
+    path = write_record(result, out_path or default)
+    click.echo(f"record: {path}")
+
+
+@bench_cmd.command("breakdown")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--threads", type=int, default=2, show_default=True, help="Inference threads.")
+@click.option("--iters", type=int, default=200, show_default=True,
+              help="Profiled calls (each paired with an unprofiled one).")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--names-from", type=click.Path(), default=None,
+              help="Model file or artifact folder whose weight names label the ops [an ONNX sibling of the same "
+                   "export, else the artifact itself].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON record to write [bench-out/breakdown/<model>-<folder>.json].")
+def breakdown_cmd(artifact: str, threads: int, iters: int, batch: int, names_from: str | None,
+                  out_path: str | None) -> None:
+    """Split one OpenVINO call of an artifact into encoder, head, output, unattributed nodes, call
+    overhead and copies (OpenVINO performance counters); print ms and % per part, write a JSON record.
+
+    \b
+    Example:
+      mirage-edge bench breakdown demo-out/export/student/openvino-int8 --threads 2 --iters 200
+    """
+    from pathlib import Path
+
+    from mirage_edge._log import progress
+    from mirage_edge.bench.breakdown import breakdown, write_record
+
+    result = breakdown(artifact, threads=threads, iters=iters, batch=batch, names_from=names_from,
+                       progress=progress)
+    for line in result.lines():
+        click.echo(line)
+    folder = Path(artifact).resolve()
+    default = Path("bench-out") / "breakdown" / f"{folder.parent.name}-{folder.name}.json"
     path = write_record(result, out_path or default)
     click.echo(f"record: {path}")
 
