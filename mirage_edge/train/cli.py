@@ -110,14 +110,13 @@ def pretrain_cmd(config_file, device, precision, out_dir, resume, data_dir, mode
 def finetune_cmd(config_file, device, precision, out_dir, resume, task, data_dir, model_name, checkpoint,
                  model_config, mode, pool, overrides):
     """Fine-tune a classification or segmentation model; keeps the best validation checkpoint, then tests it."""
-    from mirage_edge.train.config import FinetuneConfig
+    from mirage_edge.train.config import FinetuneConfig, finetune_base
 
     file_task = None
     if config_file:
         file_task = C.read_config(config_file).get("task")
     eff_task = task or file_task or "cls"
-    base = {"mode": "frozen", "image_size": 1024} if eff_task == "seg" else {}
-    cfg = C.load(FinetuneConfig, config_file, overrides, base=base, sets={
+    cfg = C.load(FinetuneConfig, config_file, overrides, base=finetune_base(eff_task), sets={
         "task": task, "data": data_dir, "loop.device": device, "loop.precision": precision,
         "out_dir": out_dir, "model.name": model_name, "model.checkpoint": checkpoint,
         "model.config": model_config, "mode": mode, "pool": pool})

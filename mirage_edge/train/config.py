@@ -191,5 +191,12 @@ class FinetuneConfig:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
 
+def finetune_base(task: str | None) -> dict[str, Any]:
+    """Defaults under a fine-tuning config file, by task: segmentation follows the official recipe
+    (encoder frozen, 1024 px, §11); classification takes the dataclass defaults. One place for
+    `mirage-edge train finetune` and `mirage-edge cv`."""
+    return {"mode": "frozen", "image_size": 1024} if task == "seg" else {}
+
+
 __all__ = ["ModelSpec", "OptimConfig", "LoopConfig", "PretrainDataConfig", "MaskingConfig",
-           "PretrainConfig", "FinetuneConfig", "MODALITIES"]
+           "PretrainConfig", "FinetuneConfig", "MODALITIES", "finetune_base"]

@@ -70,8 +70,8 @@ class CVSpec:
 # ------------------------------------------------------------------------------------- configs
 def teacher_config(spec: CVSpec, data: str | Path, out_dir: str | Path) -> Any:
     """The `FinetuneConfig` `mirage-edge train finetune --config ... --task seg --data DATA --out OUT
-    [--device ...] OVERRIDES` builds (mirage_edge/train/cli.py: seg defaults, then file, flags, overrides)."""
-    from mirage_edge.train.config import FinetuneConfig
+    [--device ...] OVERRIDES` builds (train.config.finetune_base, then file, flags, overrides)."""
+    from mirage_edge.train.config import FinetuneConfig, finetune_base
 
     path = Path(spec.teacher_config)
     if not path.is_file():
@@ -81,7 +81,7 @@ def teacher_config(spec: CVSpec, data: str | Path, out_dir: str | Path) -> Any:
     if task not in (None, "seg"):
         raise ConfigError(f"--teacher-config {path} fine-tunes task {task!r}; cross-validation runs on "
                           "segmentation sets (task = \"seg\")")
-    return C.load(FinetuneConfig, path, spec.teacher_sets, base={"mode": "frozen", "image_size": 1024}, sets={
+    return C.load(FinetuneConfig, path, spec.teacher_sets, base=finetune_base("seg"), sets={
         "task": "seg", "data": str(data), "out_dir": str(out_dir), "loop.device": spec.device})
 
 
