@@ -28,8 +28,8 @@ class DemoPlan:
     """Sizes of one demo run. `image_size` is the models' input (and the benchmark's latency input)."""
 
     image_size: int = 512
-    # 60 B-scans (40 train / 10 val / 10 test). 48 saved only 67 s (547 s vs 614 s of demo on
-    # 2 cores, with 2 timing rounds) and cost 8-10 Dice points (teacher 0.634, student 0.694)
+    # 60 B-scans (40 train / 10 val / 10 test). 48 made the demo 547 s on 2 cores (2 timing rounds; 60 with
+    # 3 rounds: 614 s) and cost 8-10 Dice points (teacher 0.634, student 0.694): not worth it
     n_images: int = 60
     teacher_epochs: int = 10
     teacher_batch: int = 8
