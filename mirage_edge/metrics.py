@@ -289,31 +289,28 @@ def paired_bootstrap(task: str, pred_a: np.ndarray, pred_b: np.ndarray, target: 
     """
     rng = np.random.default_rng(seed)
     if task == "segmentation" and isinstance(target, (list, tuple)):
-        # masks at their own sizes (a test set's native resolution): predictions resized to each
+        # masks at their own sizes (a test set's native resolution): each prediction resized to its mask
         if not (len(pred_a) == len(pred_b) == len(target)):
             raise InputError(f"paired_bootstrap needs as many predictions as targets, got {len(pred_a)}, "
                              f"{len(pred_b)}, {len(target)}")
-        n = len(target)
-        vols = list(volume_ids) if volume_ids is not None else ["0"] * n
-        scored = scored_classes(classes, ignore)
-        w = np.vstack([np.ones((1, n)), _resample_weights(vols, n_boot, rng)])
-
-        def counts(pred: Sequence[np.ndarray]) -> np.ndarray:
-            return np.concatenate([_dice_counts(_resize_nearest(np.asarray(p), np.shape(t))[None],
-                                                np.asarray(t)[None], scored) for p, t in zip(pred, target)])
-
-        va, vb = _volume_dice(counts(pred_a), vols, w), _volume_dice(counts(pred_b), vols, w)
-        unit = "B-scan"
-        return _bootstrap_result(va, vb, n_boot, level, unit)
-    pred_a, pred_b, target = np.asarray(pred_a), np.asarray(pred_b), np.asarray(target)
-    if not (pred_a.shape == pred_b.shape == target.shape):
-        raise InputError(f"paired_bootstrap needs equal shapes, got {pred_a.shape}, {pred_b.shape}, {target.shape}")
+    else:
+        pred_a, pred_b, target = np.asarray(pred_a), np.asarray(pred_b), np.asarray(target)
+        if not (pred_a.shape == pred_b.shape == target.shape):
+            raise InputError(f"paired_bootstrap needs equal shapes, got {pred_a.shape}, {pred_b.shape}, "
+                             f"{target.shape}")
     n = len(target)
     if task == "segmentation":
         vols = list(volume_ids) if volume_ids is not None else ["0"] * n
         scored = scored_classes(classes, ignore)
         w = np.vstack([np.ones((1, n)), _resample_weights(vols, n_boot, rng)])
-        ca, cb = _dice_counts(pred_a, target, scored), _dice_counts(pred_b, target, scored)
+
+        def counts(pred: Any) -> np.ndarray:
+            if not isinstance(target, (list, tuple)):
+                return _dice_counts(pred, target, scored)
+            return np.concatenate([_dice_counts(_resize_nearest(np.asarray(p), np.shape(t))[None],
+                                                np.asarray(t)[None], scored) for p, t in zip(pred, target)])
+
+        ca, cb = counts(pred_a), counts(pred_b)
         va, vb = _volume_dice(ca, vols, w), _volume_dice(cb, vols, w)
         unit = "B-scan"
     elif task == "classification":

@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("openvino", reason="openvino is not installed: the breakdown profiles OpenVINO")
 
-from mirage_edge.bench.breakdown import PARTS, breakdown, label_ops, node_part, write_record  # noqa: E402
+from mirage_edge.bench.breakdown import PARTS, breakdown, label_ops, node_part  # noqa: E402
+from mirage_edge.bench.crosscheck import write_record  # noqa: E402
 
 SIZE = 32
 

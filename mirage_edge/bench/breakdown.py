@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import os
 import re
 import time
@@ -283,7 +282,7 @@ def breakdown(artifact: str | Path, *, threads: int = 2, iters: int = 200, batch
               names_from: str | Path | None = None, progress: Callable[[str], None] | None = None) -> BreakdownResult:
     """Profile `iters` calls of an OpenVINO/ONNX artifact on OpenVINO CPU and split the mean call per part."""
     from mirage_edge._deps import require
-    from mirage_edge.artifact import read_meta
+    from mirage_edge.bench.crosscheck import openvino_artifact
     from mirage_edge.bench.hardware import describe_hardware
     from mirage_edge.bench.runners import make_input
     from mirage_edge.runtime.backends import model_file
@@ -292,13 +291,7 @@ def breakdown(artifact: str | Path, *, threads: int = 2, iters: int = 200, batch
     if threads < 1 or iters < 1 or batch < 1 or warmup < 0:
         raise ConfigError(f"threads, iters and batch must be >= 1 and warmup >= 0, got {threads}, {iters}, {batch}, "
                           f"{warmup}")
-    folder = Path(artifact)
-    if not folder.is_dir():
-        raise ConfigError(f"artifact folder not found: {folder}")
-    meta = read_meta(folder)
-    if meta.format not in ("openvino", "onnx"):
-        raise ConfigError(f"{folder}: a {meta.format} artifact does not run on OpenVINO; the breakdown needs an "
-                          "openvino or onnx artifact")
+    folder, meta = openvino_artifact(artifact, "the breakdown")
     ov = require("openvino", "the latency breakdown")
     core = ov.Core()
     path = model_file(folder, meta.format, meta.files)
@@ -391,15 +384,5 @@ RULE = ("output: ops walked back from each model output through shape/argmax/cas
         "ops; overhead = infer() wall - sum of node times; copies = input in + outputs out")
 
 
-def write_record(result: BreakdownResult, path: str | Path) -> Path:
-    """Write the breakdown as one JSON record (atomically)."""
-    from mirage_edge._io import atomic_write_text
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(result.to_dict(), indent=1) + "\n")
-    return p
-
-
-__all__ = ["BreakdownResult", "breakdown", "label_ops", "node_part", "write_record", "PARTS", "OUTPUT_TYPES",
+__all__ = ["BreakdownResult", "breakdown", "label_ops", "node_part", "PARTS", "OUTPUT_TYPES",
            "LAYER_TYPES", "RULE"]

@@ -109,19 +109,11 @@ def crosscheck_cmd(artifact: str, threads: int, rounds: int, seconds: int, batch
     Example:
       mirage-edge bench crosscheck demo-out/export/student/openvino-int8 --threads 2 --rounds 5
     """
-    from pathlib import Path
-
     from mirage_edge._log import progress
-    from mirage_edge.bench.crosscheck import crosscheck, write_record
+    from mirage_edge.bench.crosscheck import crosscheck
 
-    result = crosscheck(artifact, threads=threads, rounds=rounds, seconds=seconds, batch=batch, app=app,
-                        progress=progress)
-    for line in result.lines():
-        click.echo(line)
-    folder = Path(artifact).resolve()
-    default = Path("bench-out") / "crosscheck" / f"{folder.parent.name}-{folder.name}.json"
-    path = write_record(result, out_path or default)
-    click.echo(f"record: {path}")
+    _report(crosscheck(artifact, threads=threads, rounds=rounds, seconds=seconds, batch=batch, app=app,
+                       progress=progress), "crosscheck", artifact, out_path)
 
 
 @bench_cmd.command("breakdown")
@@ -144,19 +136,24 @@ def breakdown_cmd(artifact: str, threads: int, iters: int, batch: int, names_fro
     Example:
       mirage-edge bench breakdown demo-out/export/student/openvino-int8 --threads 2 --iters 200
     """
+    from mirage_edge._log import progress
+    from mirage_edge.bench.breakdown import breakdown
+
+    _report(breakdown(artifact, threads=threads, iters=iters, batch=batch, names_from=names_from,
+                      progress=progress), "breakdown", artifact, out_path)
+
+
+def _report(result, kind: str, artifact: str, out_path: str | None) -> None:
+    """Print a crosscheck / breakdown result and write its JSON record [bench-out/KIND/<model>-<folder>.json]."""
     from pathlib import Path
 
-    from mirage_edge._log import progress
-    from mirage_edge.bench.breakdown import breakdown, write_record
+    from mirage_edge.bench.crosscheck import write_record
 
-    result = breakdown(artifact, threads=threads, iters=iters, batch=batch, names_from=names_from,
-                       progress=progress)
     for line in result.lines():
         click.echo(line)
     folder = Path(artifact).resolve()
-    default = Path("bench-out") / "breakdown" / f"{folder.parent.name}-{folder.name}.json"
-    path = write_record(result, out_path or default)
-    click.echo(f"record: {path}")
+    default = Path("bench-out") / kind / f"{folder.parent.name}-{folder.name}.json"
+    click.echo(f"record: {write_record(result, out_path or default)}")
 
 
 def _toml_str(text: str) -> str:

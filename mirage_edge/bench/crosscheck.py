@@ -155,11 +155,25 @@ def _median(values: list[float | None]) -> float | None:
     return float(np.median(vals)) if vals else None
 
 
+def openvino_artifact(artifact: str | Path, purpose: str) -> tuple[Path, Any]:
+    """(folder, metadata) of an artifact OpenVINO can run (openvino or onnx), else a one-line error
+    naming `purpose` (the cross-check, the breakdown)."""
+    from mirage_edge.artifact import read_meta
+
+    folder = Path(artifact)
+    if not folder.is_dir():
+        raise ConfigError(f"artifact folder not found: {folder}")
+    meta = read_meta(folder)
+    if meta.format not in ("openvino", "onnx"):
+        raise ConfigError(f"{folder}: a {meta.format} artifact does not run on OpenVINO; {purpose} needs an "
+                          "openvino or onnx artifact")
+    return folder, meta
+
+
 def crosscheck(artifact: str | Path, *, threads: int = 2, rounds: int = 5, seconds: int = 2, batch: int = 1,
                app: str | None = None, timeout_s: float = 600.0,
                progress: Callable[[str], None] | None = None) -> CrosscheckResult:
     """Time `artifact` with the bench's worker and with `benchmark_app`, interleaved over `rounds`."""
-    from mirage_edge.artifact import read_meta
     from mirage_edge.bench.hardware import describe_hardware
     from mirage_edge.runtime.backends import model_file
 
@@ -167,13 +181,7 @@ def crosscheck(artifact: str | Path, *, threads: int = 2, rounds: int = 5, secon
     if threads < 1 or rounds < 1 or seconds < 1 or batch < 1:
         raise ConfigError("threads, rounds, seconds and batch must be >= 1, got "
                           f"{threads}, {rounds}, {seconds}, {batch}")
-    folder = Path(artifact)
-    if not folder.is_dir():
-        raise ConfigError(f"artifact folder not found: {folder}")
-    meta = read_meta(folder)
-    if meta.format not in ("openvino", "onnx"):
-        raise ConfigError(f"{folder}: a {meta.format} artifact does not run on OpenVINO; the cross-check needs "
-                          "an openvino or onnx artifact")
+    folder, meta = openvino_artifact(artifact, "the cross-check")
     if len(meta.input_names) != 1:
         raise ConfigError(f"{folder}: the cross-check times single-input artifacts; this one takes {meta.input_names}")
     h, w = (int(v) for v in meta.preprocessing[meta.input_names[0]]["size"])
@@ -272,7 +280,7 @@ def _run_app(cmd: list[str], env: dict[str, str], timeout_s: float) -> AppResult
     return parse_benchmark_app((proc.stdout or "") + "\n" + (proc.stderr or ""))
 
 
-def write_record(result: CrosscheckResult, path: str | Path) -> Path:
+def write_record(result: Any, path: str | Path) -> Path:
     """Write the cross-check as one JSON record (atomically)."""
     from mirage_edge._io import atomic_write_text
 
