@@ -86,8 +86,10 @@ def test_no_pretrained_download_and_bad_input():
     # export --input-size and bench registry rows pass the teachers' input_size keyword
     assert create_model("vit_tiny_c32", input_size=(64, 64)).input_size == (64, 64)
     assert create_model("student-tiny", input_size=96).input_size == (96, 96)
-    with pytest.raises(ConfigError, match="square inputs; got input_size 64 x 128"):
-        create_model("vit_tiny_c32", input_size=(64, 128))
+    # [H, W] inputs (a B-scan's aspect): the ViT's positional table is built for that grid
+    vit = create_model("vit_tiny_c32", input_size=(64, 128), depth=1)
+    assert vit.input_size == (64, 128)
+    assert tuple(vit.forward_features(torch.rand(1, 1, 64, 128)).shape[1:]) == (2 * 4, vit.embed_dim)
     with pytest.raises(ConfigError, match="unknown student"):
         build_student("resnet50")
     m = build_student("student-tiny", img_size=64)

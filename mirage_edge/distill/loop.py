@@ -277,7 +277,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     from mirage_edge.models.students import build_student
 
     init_rng = torch.get_rng_state()  # the labels-only twin starts from the same backbone weights
-    student = build_student(recipe.student.name, img_size=recipe.data.image_size,
+    student = build_student(recipe.student.name, img_size=recipe.data.hw,
                             input_scale=recipe.student.input_scale)
     layer_map = {int(k): int(v) for k, v in recipe.student.layer_map.items()}
     missing = [t for t in layer_map if t not in teacher.layers]
@@ -447,7 +447,7 @@ def _twin_model(teacher: Teacher, recipe: DistillRecipe, layer_map: dict[int, in
     from mirage_edge.models.task import TASK_CLASSES
 
     torch.set_rng_state(rng_state)
-    student = build_student(recipe.student.name, img_size=recipe.data.image_size,
+    student = build_student(recipe.student.name, img_size=recipe.data.hw,
                             input_scale=recipe.student.input_scale)
     proj = ProjectedStudent(student, teacher.embed_dim, teacher.grid, teacher.num_global_tokens, layer_map,
                             upsample=recipe.student.upsample)

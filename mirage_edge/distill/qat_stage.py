@@ -62,9 +62,8 @@ def run_qat(fp32: nn.Module, train: DistillSamples, task: str | None, recipe: Di
     onnx_path = qdir / "model.onnx"
 
     def export() -> dict[str, Any]:  # rank 0 writes the checkpoint and the graph; the others wait
-        size = recipe.data.image_size
         qdir.mkdir(parents=True, exist_ok=True)
-        counts = export_qdq_onnx(qmodel, onnx_path, torch.zeros(1, 1, size, size), opset=spec.onnx_opset)
+        counts = export_qdq_onnx(qmodel, onnx_path, torch.zeros(1, 1, *recipe.data.hw), opset=spec.onnx_opset)
         # parity: ONNX Runtime INT8 graph vs the torch fake-quant model on real inputs
         x = calib[0][:4]
         with torch.no_grad():

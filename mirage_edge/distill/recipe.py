@@ -105,11 +105,12 @@ class StudentSpec:
 @dataclass
 class DataSpec:
     """path: a RetinaBench folder (seg / cls / multimodal / any image folder for task "none").
-    image_size: model input (square); preprocessing is MIRAGE's (no mean/std)."""
+    image_size: model input, an int (square) or [H, W] (e.g. [256, 384] keeps a 496 x 768 B-scan's
+    aspect); preprocessing is MIRAGE's (no mean/std)."""
 
     path: str = ""
     task: Literal["seg", "cls", "none", "auto"] = "auto"
-    image_size: int = 128
+    image_size: int | list[int] = 128
     scaling: Literal["minmax", "divide"] = "minmax"
     minmax_order: Literal["before_resize", "after_resize"] = "before_resize"
     train_split: str = "train"
@@ -121,17 +122,28 @@ class DataSpec:
     limit: int = 0
 
     def __post_init__(self) -> None:
-        if self.image_size < 32 or self.image_size % 32:
+        try:
+            hw = self.hw
+        except (TypeError, ValueError):
+            raise ValueError(f"data.image_size must be an int or [H, W], got {self.image_size!r}") from None
+        if min(hw) < 32 or hw[0] % 32 or hw[1] % 32:
             raise ValueError(f"data.image_size must be a multiple of 32 (student stride), got {self.image_size}")
         if self.views < 1:
             raise ValueError(f"data.views must be >= 1, got {self.views}")
         _check_ranges(self, "data", non_negative=("limit",))
 
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The model input as (H, W)."""
+        from mirage_edge.models.config import as_pair
+
+        return as_pair(self.image_size)
+
     def preprocess_spec(self) -> PreprocessSpec:
-        """The preprocessing teacher and student see: image_size x image_size, MIRAGE scaling."""
+        """The preprocessing teacher and student see: H x W (`hw`), MIRAGE scaling."""
         from mirage_edge.data.preprocess import PreprocessSpec
 
-        return PreprocessSpec(size=(self.image_size, self.image_size), scaling=self.scaling,
+        return PreprocessSpec(size=self.hw, scaling=self.scaling,
                               minmax_order=self.minmax_order)
 
     def labelled_task(self, found: str | None) -> str | None:

@@ -38,7 +38,7 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_teacher(spec: str, *, random_weights: bool = False, input_size: int | None = None,
+def load_teacher(spec: str, *, random_weights: bool = False, input_size: int | tuple[int, int] | None = None,
                  config: str | Path | None = None) -> nn.Module:
     """Build the teacher module from a name, path or ``hf:<dir>`` (see module docstring).
 
@@ -57,7 +57,7 @@ def load_teacher(spec: str, *, random_weights: bool = False, input_size: int | N
             raise ConfigError(f"teacher {spec!r} is a student architecture, not a MIRAGE teacher: pass "
                               "mirage-base / mirage-large or a teacher checkpoint")
         if input_size is not None:
-            kwargs["input_size"] = int(input_size)
+            kwargs["input_size"] = input_size if isinstance(input_size, int) else tuple(input_size)
         try:
             model = create_model(spec, pretrained=not random_weights, **kwargs)
         except WeightsNotFoundError as exc:
@@ -181,7 +181,7 @@ def build_teacher(recipe: DistillRecipe, log: Callable[[str], None]) -> Teacher:
     """The recipe's teacher at `data.image_size` (positional tables resampled if built for another size)."""
     from mirage_edge.models.registry import is_model
 
-    size = recipe.data.image_size
+    size = recipe.data.hw
     random = recipe.teacher.random_weights and is_model(recipe.teacher.model)
     model = load_teacher(recipe.teacher.model, random_weights=random, input_size=size,
                          config=recipe.teacher.config or None)
@@ -189,10 +189,10 @@ def build_teacher(recipe: DistillRecipe, log: Callable[[str], None]) -> Teacher:
         log(f"teacher {recipe.teacher.model}: RANDOM WEIGHTS (teacher.random_weights = true); the student "
             "learns to imitate noise - for tests and timing only")
     enc = getattr(model, "encoder", model) if hasattr(model, "head") else model
-    if tuple(enc.input_size) != (size, size):
+    if tuple(enc.input_size) != size:
         if not hasattr(enc, "set_input_size"):
             raise ConfigError(f"teacher input size {tuple(enc.input_size)} != data.image_size {size}")
-        log(f"teacher built for {tuple(enc.input_size)}: positional tables resampled to {size}x{size}")
+        log(f"teacher built for {tuple(enc.input_size)}: positional tables resampled to {size[0]}x{size[1]}")
         enc.set_input_size(size)
     return Teacher(model, recipe.teacher.modalities, recipe.teacher.layers, name=recipe.teacher.model,
                    random_weights=random)

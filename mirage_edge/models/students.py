@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from mirage_edge.errors import ConfigError, InputError
+from mirage_edge.models.config import as_pair
 from mirage_edge.models.registry import register_model
 
 STRIDE = 32
@@ -49,18 +50,18 @@ class StudentConfig:
 
     name:        registered student name (e.g. "mobilenetv4_conv_small").
     timm_name:   timm architecture actually built.
-    img_size:    square input size the student is built for (matters for ViTs only).
+    img_size:    input size the student is built for, an int (square) or [H, W] (matters for ViTs only).
     timm_kwargs: extra keyword arguments for `timm.create_model` (e.g. patch_size=32).
     reparameterized: True once re-parameterisable blocks (MobileOne, RepViT) were fused for deploy.
     input_scale: the input is upsampled (bilinear) by this factor inside the model, so the stride-32
                  grid is `input_scale` x finer in input pixels (e.g. 2: a 128 px input gives 8 x 8
                  tokens, the grid of a teacher with 16 px patches). The deployed model still takes
-                 img_size x img_size; the resize is part of the graph.
+                 img_size; the resize is part of the graph.
     """
 
     name: str
     timm_name: str
-    img_size: int = 512
+    img_size: int | list[int] = 512
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     reparameterized: bool = False
     input_scale: int = 1
@@ -145,7 +146,8 @@ class StudentEncoder(nn.Module):
             raise ConfigError(f"student {cfg.name!r}: input_scale must be 1, 2 or 4, got {cfg.input_scale}")
         if _is_vit(cfg.timm_name):
             # fixed-size positional table for the deployment resolution (no resize in forward)
-            kwargs.setdefault("img_size", cfg.img_size * cfg.input_scale)
+            h, w = as_pair(cfg.img_size)
+            kwargs.setdefault("img_size", (h * cfg.input_scale, w * cfg.input_scale))
             if "conv_stem" in kwargs:
                 kwargs["embed_layer"] = _conv_stem_embed(kwargs.pop("conv_stem"))
         try:
@@ -156,7 +158,7 @@ class StudentEncoder(nn.Module):
         self.embed_dim = int(self.body.num_features)
         self.num_global_tokens = 0
         self.patch_size = (STRIDE // cfg.input_scale, STRIDE // cfg.input_scale)  # in input pixels
-        self.input_size = (cfg.img_size, cfg.img_size)
+        self.input_size = as_pair(cfg.img_size)
         self.input_scale = cfg.input_scale
         info = getattr(self.body, "feature_info", None) or []
         # (channels, stride) of every stage forward_intermediates can return (stride in the body's pixels)
@@ -241,15 +243,17 @@ class StudentEncoder(nn.Module):
         return self
 
 
-def build_student(name: str, img_size: int = 512, input_scale: int = 1, **timm_kwargs: Any) -> StudentEncoder:
-    """Student `name` (registered name or alias) built for `img_size` x `img_size` inputs, upsampled by
+def build_student(name: str, img_size: int | Sequence[int] = 512, input_scale: int = 1,
+                  **timm_kwargs: Any) -> StudentEncoder:
+    """Student `name` (registered name or alias) built for `img_size` (int or (H, W)) inputs, upsampled by
     `input_scale` inside the model (see StudentConfig)."""
     key = ALIASES.get(name, name)
     if key not in STUDENTS:
         raise ConfigError(f"unknown student {name!r}; known: {', '.join(sorted([*STUDENTS, *ALIASES]))}")
     timm_name, base_kwargs, _ = STUDENTS[key]
     reparam = bool(timm_kwargs.pop("reparameterized", False))
-    cfg = StudentConfig(name=key, timm_name=timm_name, img_size=int(img_size),
+    h, w = as_pair(img_size)
+    cfg = StudentConfig(name=key, timm_name=timm_name, img_size=h if h == w else [h, w],
                         timm_kwargs={**base_kwargs, **timm_kwargs}, reparameterized=reparam,
                         input_scale=int(input_scale))
     return StudentEncoder(cfg)
@@ -262,14 +266,9 @@ def student_from_config(cfg: Mapping[str, Any]) -> StudentEncoder:
     return StudentEncoder(from_dict(StudentConfig, dict(cfg), source="student config"))
 
 
-def square_input_size(what: str, input_size: int | Sequence[int]) -> int:
-    """The side of a square `input_size` (int or (H, W)); ConfigError naming `what` otherwise."""
-    from mirage_edge.models.config import as_pair
-
-    h, w = as_pair(input_size)
-    if h != w or h < 1:
-        raise ConfigError(f"{what} is built for square inputs; got input_size {h} x {w}")
-    return int(h)
+def _hw(size: int | Sequence[int]) -> str:
+    h, w = as_pair(size)
+    return f"{h}x{w}"
 
 
 def is_student(name: str) -> bool:
@@ -277,17 +276,17 @@ def is_student(name: str) -> bool:
 
 
 def _register(name: str, alias: str | None = None) -> None:
-    def builder(pretrained: bool = False, img_size: int | None = None,
+    def builder(pretrained: bool = False, img_size: int | Sequence[int] | None = None,
                 input_size: int | Sequence[int] | None = None, **kwargs: Any) -> StudentEncoder:
         if pretrained:
             # students start from random weights: no download ever (offline, licence-clean)
             raise ConfigError(f"student {name!r} has no pretrained weights; distill it from a teacher")
         if input_size is not None:  # the teachers' keyword (export --input-size, bench registry rows)
-            size = square_input_size(f"student {name!r}", input_size)
-            if img_size is not None and size != img_size and _is_vit(STUDENTS[name][0]):
+            size = as_pair(input_size)
+            if img_size is not None and size != as_pair(img_size) and _is_vit(STUDENTS[name][0]):
                 # its learned positional table has one entry per token of img_size (a checkpoint's)
-                raise ConfigError(f"student {name!r} is a ViT with a fixed {img_size}x{img_size} input "
-                                  f"(learned positional table); it cannot run at {size}x{size}: drop --input-size")
+                raise ConfigError(f"student {name!r} is a ViT with a fixed {_hw(img_size)} input (learned "
+                                  f"positional table); it cannot run at {_hw(size)}: drop --input-size")
             img_size = size
         return build_student(name, img_size=512 if img_size is None else img_size, **kwargs)
 
@@ -302,7 +301,7 @@ for _name in STUDENTS:
 
 
 @register_model(name="projected-student")
-def projected_student(pretrained: bool = False, student: str = "student-tiny", img_size: int = 512,
+def projected_student(pretrained: bool = False, student: str = "student-tiny", img_size: int | Sequence[int] = 512,
                       reparameterized: bool = False, teacher_dim: int = 192, teacher_grid: Sequence[int] = (16, 16),
                       num_global_tokens: int = 1, layer_map: Mapping[str, int] | None = None,
                       upsample: str = "bilinear", input_scale: int = 1,
@@ -310,25 +309,24 @@ def projected_student(pretrained: bool = False, student: str = "student-tiny", i
     """A student + its learned projector into a teacher's token space (`mirage_edge.models.projector`):
     the encoder of distilled "drop-in" task models, rebuilt from checkpoints by this entry.
     `upsample` defaults to "bilinear" here because checkpoints written before it existed used it.
-    `input_size` (export --input-size) rebuilds it for another square size: the teacher grid scales
+    `input_size` (export --input-size) rebuilds it for another size: the teacher grid scales
     with it (a teacher with P px patches has size / P tokens), so every weight keeps its shape."""
     from mirage_edge.models.projector import ProjectedStudent
 
     if pretrained:
         raise ConfigError("projected-student has no pretrained weights; load a distilled checkpoint instead")
     if input_size is not None:
-        size = square_input_size(f"distilled student ({student})", input_size)
-        if size != img_size and _is_vit(STUDENTS[ALIASES.get(student, student)][0]):
-            raise ConfigError(f"distilled student ({student}) is a ViT with a fixed {img_size}x{img_size} input "
-                              f"(learned positional table); it cannot run at {size}x{size}: drop --input-size")
-        gh, gw = (int(g) for g in teacher_grid)
-        # one teacher token is img_size / grid px; the student's stride-32 map is input_scale x finer
-        multiple = math.lcm(img_size // math.gcd(img_size, gh), img_size // math.gcd(img_size, gw),
-                            STRIDE // math.gcd(STRIDE, input_scale))
-        if size % multiple:
-            raise ConfigError(f"distilled student ({student}, built for {img_size}x{img_size}, teacher grid "
-                              f"{gh}x{gw}) needs an input size that is a multiple of {multiple}; got {size}")
-        teacher_grid = (size * gh // img_size, size * gw // img_size)
+        size, base = as_pair(input_size), as_pair(img_size)
+        if size != base and _is_vit(STUDENTS[ALIASES.get(student, student)][0]):
+            raise ConfigError(f"distilled student ({student}) is a ViT with a fixed {_hw(base)} input "
+                              f"(learned positional table); it cannot run at {_hw(size)}: drop --input-size")
+        grid = tuple(int(g) for g in teacher_grid)
+        # one teacher token is base / grid px on each axis; the student's stride-32 map is input_scale x finer
+        multiples = [math.lcm(b // math.gcd(b, g), STRIDE // math.gcd(STRIDE, input_scale)) for b, g in zip(base, grid)]
+        if any(s % m for s, m in zip(size, multiples)):
+            raise ConfigError(f"distilled student ({student}, built for {_hw(base)}, teacher grid {grid[0]}x{grid[1]}) "
+                              f"needs an input size that is a multiple of {multiples[0]} x {multiples[1]}; got {_hw(size)}")
+        teacher_grid = tuple(s * g // b for s, g, b in zip(size, grid, base))
         img_size = size
     enc = build_student(student, img_size=img_size, input_scale=input_scale, reparameterized=reparameterized)
     return ProjectedStudent(enc, teacher_dim, teacher_grid, num_global_tokens,

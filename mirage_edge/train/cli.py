@@ -29,7 +29,7 @@ def _incomplete(out_dir: str) -> str:
             "resume it with --resume auto once the folder can be written")
 
 
-def _check_patch_multiple(model_name: str, checkpoint: str, overrides: dict, image_size: int) -> None:
+def _check_patch_multiple(model_name: str, checkpoint: str, overrides: dict, hw: tuple[int, int]) -> None:
     """A registered MIRAGE size takes only image sizes that are a multiple of its patch: refuse another
     one before the data is read. (A checkpoint's patch is known once it is read; its build checks it.)"""
     from mirage_edge.errors import ConfigError
@@ -42,11 +42,12 @@ def _check_patch_multiple(model_name: str, checkpoint: str, overrides: dict, ima
     except ConfigError:
         return  # bad model.overrides: the model build names them
     ph, pw = patch.get("bscan") or patch.get("slo") or (0, 0)
-    if ph and (image_size % ph or image_size % pw):
-        lower, upper = image_size // ph * ph, (image_size // ph + 1) * ph
-        hint = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ConfigError(f"image_size {image_size} is not a multiple of the {ph}x{pw} patch of {model_name}; "
-                          f"use e.g. {hint}")
+    for side, p in zip(hw, (ph, pw)):
+        if p and side % p:
+            lower, upper = side // p * p, (side // p + 1) * p
+            hint = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ConfigError(f"image_size {hw[0]} x {hw[1]}: {side} is not a multiple of the {ph}x{pw} patch "
+                              f"of {model_name}; use e.g. {hint}")
 
 
 def _common(f):
@@ -122,7 +123,7 @@ def finetune_cmd(config_file, device, precision, out_dir, resume, task, data_dir
         "model.config": model_config, "mode": mode, "pool": pool})
     from mirage_edge._io import output_errors
 
-    _check_patch_multiple(cfg.model.name, cfg.model.checkpoint, dict(cfg.model.overrides), cfg.image_size)
+    _check_patch_multiple(cfg.model.name, cfg.model.checkpoint, dict(cfg.model.overrides), cfg.hw)
     _check_out(cfg.out_dir)
     from mirage_edge.train.finetune import run_finetune
 

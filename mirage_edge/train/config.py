@@ -154,6 +154,7 @@ class FinetuneConfig:
     `mode`: cls -> "linear_probe" (head only) or "full"; seg -> "frozen" (encoder blocks frozen, patch
     projection + global token + head train, as §11) or "full". `pool` (cls): global | cls | token_mix.
     `monitor`: validation metric for best checkpoint / early stopping ("" = bacc for cls, dice for seg).
+    `image_size`: the model input, an int (square) or [H, W].
     `augmentation`: AugmentConfig fields (mirage_edge.data.transforms) replacing its defaults when `augment`
     is on, e.g. {speckle = 0.5, degrees = 5}. `class_weights` (seg): per-class cross-entropy weights, one
     per class of INFO.json ([] = unweighted); for a lesion class on ~0.5 % of the pixels.
@@ -166,7 +167,7 @@ class FinetuneConfig:
     data: str = ""
     out_dir: str = "runs/finetune"
     model: ModelSpec = field(default_factory=ModelSpec)
-    image_size: int = 512
+    image_size: int | list[int] = 512
     mode: Literal["linear_probe", "full", "frozen"] = "linear_probe"
     pool: Literal["global", "cls", "token_mix"] = "global"
     head: dict[str, Any] = field(default_factory=dict)
@@ -187,8 +188,20 @@ class FinetuneConfig:
             raise ValueError("mode 'frozen' is for task 'seg'; use 'linear_probe' or 'full' for cls")
         if self.task == "seg" and self.mode == "linear_probe":
             raise ValueError("mode 'linear_probe' is for task 'cls'; use 'frozen' or 'full' for seg")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        try:
+            h, w = self.hw
+        except (TypeError, ValueError):
+            raise ValueError(f"image_size must be an int or [H, W], got {self.image_size!r}") from None
+        if min(h, w) < 8:
+            raise ValueError(f"image_size must be >= 8 on each side, got {self.image_size}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The model input as (H, W): `image_size` = 256 is 256 x 256; [256, 384] keeps a 496 x 768
+        B-scan's aspect (both axes shrunk alike, so a thin fluid pocket is not squeezed sideways)."""
+        from mirage_edge.models.config import as_pair
+
+        return as_pair(self.image_size)
 
 
 def finetune_base(task: str | None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from mirage_edge.errors import CheckpointError, MirageEdgeError
 from mirage_edge.train import distributed as D
 from mirage_edge.train.checkpoint import (SaveModelFn, capture_rng_state, checkpoint_name, latest_checkpoint,
-                                          load_checkpoint, prune_checkpoints, save_checkpoint, unwrap)
+                                          load_checkpoint, prune_checkpoints, save_checkpoint)
 from mirage_edge.train.config import LoopConfig
 from mirage_edge.train.logger import MetricLogger, Progress
 from mirage_edge.train.optim import CosineSchedule

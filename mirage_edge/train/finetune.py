@@ -49,9 +49,10 @@ def resolve_checkpoint(path: str) -> str:
     return str(p)
 
 
-def as_bscan_encoder(encoder: nn.Module, image_size: int) -> nn.Module:
-    """MIRAGE -> B-scan-only encoder without decoders at `image_size` (§11-§12: every fine-tuning
+def as_bscan_encoder(encoder: nn.Module, image_size: int | tuple[int, int]) -> nn.Module:
+    """MIRAGE -> B-scan-only encoder without decoders at `image_size` (H, W) (§11-§12: every fine-tuning
     image goes through the bscan adapter). Other encoders are returned as they are."""
+    from mirage_edge.models.config import as_pair
     from mirage_edge.models.mirage import MIRAGE
 
     if not isinstance(encoder, MIRAGE):
@@ -65,12 +66,13 @@ def as_bscan_encoder(encoder: nn.Module, image_size: int) -> nn.Module:
             if m != "bscan":
                 del encoder.input_adapters[m]
         encoder.cfg = dataclasses.replace(cfg, in_domains=["bscan"], out_domains=[], grid_size=None)
-    if tuple(encoder.input_size) != (image_size, image_size):
-        encoder.set_input_size(image_size)
+    hw = as_pair(image_size)
+    if tuple(encoder.input_size) != hw:
+        encoder.set_input_size(hw)
     return encoder
 
 
-def build_task_model(spec: ModelSpec, task: str, num_classes: int, image_size: int, pool: str,
+def build_task_model(spec: ModelSpec, task: str, num_classes: int, image_size: tuple[int, int], pool: str,
                      head: dict[str, Any]) -> nn.Module:
     """Encoder (registry name, official weights or our folder) + a fresh head; a saved task model of the
     same task and class count is continued as it is."""
@@ -153,7 +155,7 @@ def _spec(cfg: FinetuneConfig):
 
     # §10/§12: per-image min-max; segmentation before resizing, classification after
     order = "before_resize" if cfg.task == "seg" else "after_resize"
-    return PreprocessSpec(size=(cfg.image_size, cfg.image_size), scaling="minmax", minmax_order=order)
+    return PreprocessSpec(size=cfg.hw, scaling="minmax", minmax_order=order)
 
 
 def pixel_mean(dataset: Any, max_images: int = 256) -> float:
@@ -284,7 +286,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
     if cfg.task == "cls" and train_set.num_classes < 2:
         raise DataError(f"{cfg.data}: classification needs at least 2 class folders, found {train_set.classes}")
     torch.manual_seed(cfg.loop.seed)
-    model = build_task_model(cfg.model, cfg.task, train_set.num_classes, cfg.image_size, cfg.pool, dict(cfg.head))
+    model = build_task_model(cfg.model, cfg.task, train_set.num_classes, cfg.hw, cfg.pool, dict(cfg.head))
     set_trainable(model, cfg.task, cfg.mode)
     if cfg.center_inputs:
         from mirage_edge.train.reparam import center_inputs
