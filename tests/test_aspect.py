@@ -85,3 +85,27 @@ def test_finetune_then_distill_at_a_bscan_aspect(tmp_path):
     assert [d.dim_value for d in g.input[0].type.tensor_type.shape.dim][-2:] == [64, 96]
     report = json.loads((out / "report.json").read_text())
     assert report["test"]["n"] > 0 and report["test"]["int8_value"] is not None
+
+
+def test_validation_scores_masks_at_their_own_size(tmp_path):
+    """What picks a checkpoint or a KD weight (val) is scored like the report's test: each mask at its
+    file's size, not the mask resized to the model input (thin structures differ between the two)."""
+    from mirage_edge.data import PreprocessSpec
+    from mirage_edge.data.layout import scan_dataset
+    from mirage_edge.data.synth import synthesize
+    from mirage_edge.distill import evaluate as ev
+    from mirage_edge.distill.data import DistillSamples
+    from mirage_edge.distill.loop import _val_metric
+    from mirage_edge.distill.recipe import load_recipe
+
+    data = synthesize(tmp_path / "layers", "layers", 6, seed=0, size=96)
+    val = DistillSamples(scan_dataset(data, "auto"), "val", PreprocessSpec(size=(32, 64)), labels=True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 9, 3, padding=1))
+    rec = load_recipe("layers-tiny", [f"data.path={json.dumps(str(data))}", "data.image_size=[32, 64]"])
+    got = _val_metric(val, "segmentation", rec)(net)["val_metric"]
+    logits, labels = ev.collect(val, net, 8)
+    native = ev.headline("segmentation", ev.task_metrics("segmentation", logits, ev.native_truth(
+        "segmentation", labels, val), val, hd95=False))[1]
+    resized = ev.headline("segmentation", ev.task_metrics("segmentation", logits, labels, val, hd95=False))[1]
+    assert got == pytest.approx(native, abs=1e-9) and abs(native - resized) > 1e-6

@@ -393,13 +393,18 @@ def _json_default(o: Any) -> Any:
 
 
 def _val_metric(val: DistillSamples | None, task: str, recipe: DistillRecipe) -> Callable | None:
-    """Validation for a task stage: the headline metric (Dice / BAcc) on the val split, if any."""
+    """Validation for a task stage: the headline metric (Dice / BAcc) on the val split, if any, scored
+    as the test split is (segmentation masks at their own size), so what picks a checkpoint or a KD
+    weight is what the report reads."""
     if val is None:
         return None
+    truth: list[Any] = []
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         logits, labels = ev.collect(val, unwrap(model), recipe.run.eval_batch_size)
-        return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, labels, val, hd95=False))[1]}
+        if not truth:
+            truth.append(ev.native_truth(task, labels, val))
+        return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, truth[0], val, hd95=False))[1]}
 
     return evaluate
 
