@@ -192,3 +192,12 @@ def test_kd_weight_chosen_on_validation(seg_setup):
                                        'data.val_split="nope"', f"out={json.dumps(str(root / 'run_noval'))}", *FAST])
     with pytest.raises(ConfigError, match="val"):
         distill(no_val, log=lambda m: None)
+
+
+def test_class_weights_must_match_the_teachers_classes(seg_setup):
+    from conftest import one_line_error
+
+    root, data, teacher = seg_setup
+    line = one_line_error("distill", "--recipe", "layers-tiny", "--teacher", str(teacher), "--data", str(data),
+                          "--out", str(root / "cw"), *FAST, "stage2.loss.class_weights=[1.0, 5.0]")
+    assert line == "error: stage2.loss.class_weights has 2 weights but the teacher's head has 9 classes"

@@ -68,3 +68,22 @@ def test_task_kd_loss_mix():
     assert set(p2) == {"kd"} and abs(float(only_kd) - float(kd_kl(s, t, 2.0))) < 1e-6
     with pytest.raises(ConfigError, match="alpha"):
         C.from_dict(TaskLossConfig, {"alpha": 1.5}, source="r.toml")
+
+
+def test_class_weights_weigh_the_label_cross_entropy():
+    """stage2.loss.class_weights: the fluid-weighted CE of the real-scan teacher, for the student and its
+    labels-only twin alike; the KD term is untouched."""
+    from mirage_edge.distill.losses import label_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    y = (torch.rand(2, 8, 8) > 0.9).long()
+    cfg = TaskLossConfig(alpha=0.5, temperature=2.0, dice=0.0, class_weights=[1.0, 5.0])
+    got, parts = task_kd_loss(s, t, y, "seg", cfg)
+    want = 0.5 * kd_kl(s, t, 2.0) + 0.5 * F.cross_entropy(s, y, weight=torch.tensor([1.0, 5.0]))
+    assert torch.allclose(got, want, atol=1e-6)
+    plain, _ = label_loss(s, y, "seg")
+    weighted, _ = label_loss(s, y, "seg", class_weights=[1.0, 5.0])
+    assert not torch.allclose(plain, weighted)
+    with pytest.raises((ValueError, ConfigError), match="class_weights"):
+        C.from_dict(TaskLossConfig, {"class_weights": [1.0, -1.0]}, source="t")

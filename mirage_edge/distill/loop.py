@@ -477,7 +477,8 @@ def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val
         f"on {len(labelled)} labelled images")
 
     def loss_b(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        return label_loss(model(batch["bscan"]), batch["label"], short, dice=s2.loss.dice)
+        return label_loss(model(batch["bscan"]), batch["label"], short, dice=s2.loss.dice,
+                          class_weights=s2.loss.class_weights)
 
     summary = run_stage("baseline_stage", twin, loss_b, labelled, spec, recipe, out, resume, log,
                         _val_metric(val, task, recipe), "val_metric" if val is not None else None)
@@ -503,10 +504,13 @@ def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, 
     from mirage_edge.models.task import TASK_CLASSES, classification_model, segmentation_model
 
     tm = teacher.model
+    k = int(tm.num_classes)
+    if s2.loss.class_weights and len(s2.loss.class_weights) != k:
+        raise ConfigError(f"stage2.loss.class_weights has {len(s2.loss.class_weights)} weights but the teacher's "
+                          f"head has {k} classes")
     if s2.mode == "drop_in":
         head = copy.deepcopy(tm.head).requires_grad_(not s2.freeze_head)
         return TASK_CLASSES[tm.task](proj, head).train()
-    k = int(tm.num_classes)
     if tm.task == "segmentation" and s2.head.get("type") == "fpn":
         from mirage_edge.models.task import fpn_segmentation_model
 

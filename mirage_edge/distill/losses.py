@@ -5,6 +5,8 @@ labels B x H x W (int64 class indices).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -80,18 +82,21 @@ def task_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     if not bool(labelled.any()):
         return kd, parts
     total, lparts = label_loss(student_logits, labels, task, ce_weight=1.0 - cfg.alpha, dice=cfg.dice,
-                               start=cfg.alpha * kd)
+                               start=cfg.alpha * kd, class_weights=cfg.class_weights)
     return total, {**parts, **lparts}
 
 
 def label_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, ce_weight: float = 1.0,
-               dice: float = 0.0, start: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """start + ce_weight * CE [+ dice * generalized Dice for "seg"]; label -1 = no label.
+               dice: float = 0.0, start: torch.Tensor | float = 0.0,
+               class_weights: Sequence[float] = ()) -> tuple[torch.Tensor, dict[str, float]]:
+    """start + ce_weight * CE (per-class `class_weights`, K, if given) [+ dice * generalized Dice for
+    "seg"]; label -1 = no label.
 
     logits B x K (x H x W), labels B (x H x W). With start = 0, the whole loss of the labels-only
     twin; stage 2 passes its KD term as `start` (kept first: the float sum order of earlier runs)."""
     labelled = (labels.reshape(labels.shape[0], -1) >= 0).any(dim=1)  # B
-    ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=-1)
+    w = torch.tensor(list(class_weights), dtype=torch.float32, device=logits.device) if class_weights else None
+    ce = F.cross_entropy(logits.float(), labels.long(), weight=w, ignore_index=-1)
     parts = {"ce": float(ce.detach())}
     total = start + ce_weight * ce
     if task == "seg" and dice and bool(labelled.any()):

@@ -55,16 +55,21 @@ class FeatureLossConfig:
 @dataclass
 class TaskLossConfig:
     """Stage-2 (task-aware) loss: alpha * KD(T) + (1 - alpha) * CE [+ dice * GDice for seg]
-    [+ feature * feature-matching of the encoder tokens]."""
+    [+ feature * feature-matching of the encoder tokens]. `class_weights`: per-class CE weights, one
+    per class of the teacher's head ([] = unweighted), for a lesion on ~0.5 % of the pixels; the
+    labels-only twin uses the same."""
 
     alpha: float = 0.7
     temperature: float = 4.0
     dice: float = 1.0
     feature: float = 0.0
+    class_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if any(w < 0 for w in self.class_weights) or (self.class_weights and not any(self.class_weights)):
+            raise ValueError(f"class_weights must be >= 0 and not all 0, got {self.class_weights}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
