@@ -109,3 +109,14 @@ def test_validation_scores_masks_at_their_own_size(tmp_path):
         "segmentation", labels, val), val, hd95=False))[1]
     resized = ev.headline("segmentation", ev.task_metrics("segmentation", logits, labels, val, hd95=False))[1]
     assert got == pytest.approx(native, abs=1e-9) and abs(native - resized) > 1e-6
+
+
+def test_distill_cli_takes_h_x_w():
+    from click.testing import CliRunner
+
+    from mirage_edge.cli import cli
+
+    res = CliRunner().invoke(cli, ["distill", "--recipe", "layers-tiny", "--image-size", "64x96", "--print-config"])
+    assert res.exit_code == 0 and "image_size = [64, 96]" in res.output
+    res = CliRunner().invoke(cli, ["distill", "--recipe", "layers-tiny", "--image-size", "64x", "--print-config"])
+    assert res.exit_code == 2 and "expected S or HxW" in res.output

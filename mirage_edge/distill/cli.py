@@ -12,6 +12,15 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
           "auto": "auto"}
 
 
+def _size(text: str | None) -> int | list[int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise click.BadParameter(f"{text!r}: expected S or HxW, e.g. 256 or 256x384")
+    return int(parts[0]) if len(parts) == 1 else [int(p) for p in parts]
+
+
 @click.command("distill")
 @click.option("--recipe", default=None, metavar="NAME|PATH",
               help="Recipe TOML (a path, or a name in distill/recipes/, e.g. tiny-demo).")
@@ -32,7 +41,8 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
 @click.option("--baseline/--no-baseline", default=None,
               help="Also train the labels-only twin (same student, head, data, schedule and seed, no teacher) and "
                    "report the KD gain = distilled - twin (baseline.enabled).")
-@click.option("--image-size", type=int, default=None, help="Square input size (multiple of 32).")
+@click.option("--image-size", default=None, callback=lambda c, p, v: _size(v), metavar="S|HxW",
+              help="Input size, multiples of 32: 256, or 256x384 to keep a 496 x 768 B-scan's aspect.")
 @click.option("--out", "out_dir", default=None, help="Output folder (stage runs, student/, student_int8/, report.json).")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N | auto (default cpu).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (finished stages are reused).")
@@ -44,7 +54,7 @@ _TASKS = {"seg": "seg", "segmentation": "seg", "cls": "cls", "classification": "
 def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | None, teacher_config: str | None,
                 student: str | None,
                 data_path: str | None, task: str | None, qat: bool | None, baseline: bool | None,
-                image_size: int | None,
+                image_size: int | list[int] | None,
                 out_dir: str | None, device: str | None, resume: bool, overwrite: bool, as_json: bool,
                 print_config: bool, overrides: tuple[str, ...]) -> None:
     """Distill a MIRAGE teacher into an edge student (feature KD, task KD, optional QAT INT8).
