@@ -125,11 +125,11 @@ def test_missing_checkpoint_names_path(cls_folder, tmp_path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_example_configs_parse(path):
-    from mirage_edge.config import load, read_file
+    from mirage_edge.config import load, read_config
     from mirage_edge.train.config import FinetuneConfig, PretrainConfig
 
     cls = PretrainConfig if path.name.startswith("pretrain") else FinetuneConfig
     cfg = load(cls, path)
     if cls is FinetuneConfig:
-        assert cfg.task == read_file(path)["task"]
+        assert cfg.task == read_config(path)["task"]
     assert cfg.loop.device in ("cpu", "cuda")
