@@ -109,6 +109,11 @@ def test_twin_needs_no_teacher_sees_the_same_batches_and_gives_the_kd_gain(seg_s
     assert test["kd_gain_int8_points"] == pytest.approx(
         100 * (test["int8_value"] - test["baseline_int8_value"]), abs=1e-6)
     assert (out / "baseline_int8" / "model.onnx").is_file()
+    # what to ship is decided on validation, from the two stages' best val metrics
+    pick, st = report["validation"], report["stages"]
+    assert (pick["distilled"], pick["baseline"]) == (st["stage2"]["best"], st["baseline"]["best"])
+    assert pick["ship"] == ("baseline" if pick["baseline"] > pick["distilled"] else "student")
+    assert f"validation: distilled {pick['distilled']:.4f}" in res.output
 
 
 def test_twin_is_skipped_without_a_task_head(seg_setup):

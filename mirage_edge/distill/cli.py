@@ -123,6 +123,11 @@ def distill_cmd(recipe: str | None, teacher: str | None, random_teacher: bool | 
         click.echo(line)
         if "teacher_weaker_than_baseline" in test:
             click.echo("note: " + test["teacher_weaker_than_baseline"])
+    pick = result.report.get("validation")
+    if pick:
+        click.echo(f"validation: distilled {pick['distilled']:.4f}, labels-only twin {pick['baseline']:.4f} -> ship "
+                   + ("student/ (student_int8/)" if pick["ship"] == "student" else
+                      "baseline/ (baseline_int8/): the teacher did not help on validation"))
     if "feature_cosine" in test:
         click.echo(f"test feature cosine vs teacher: {test['feature_cosine']:.4f}")
     if as_json:

@@ -369,6 +369,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
         if teacher.task and task:
             twin, twin_onnx, report["stages"]["baseline"] = _train_twin(
                 _twin_model(teacher, recipe, layer_map, init_rng), labelled, val, task, recipe, out, resume, meta, log)
+            report["validation"] = _validation_pick(report["stages"], log)
         else:
             log("baseline skipped: the labels-only twin needs labels and a fine-tuned teacher's head type")
 
@@ -383,6 +384,20 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
         return report
 
     return DistillResult(out, student_dir, int8_dir, onnx_path, D.on_main(finish))
+
+
+def _validation_pick(stages: dict[str, Any], log: Log) -> dict[str, Any] | None:
+    """Which of the distilled student and its labels-only twin to ship, decided on the val split (the
+    same data and metric that chose the KD weight), so that shipping the product's student is never
+    worse than no teacher where validation can tell. None without a validation metric."""
+    vd, vb = (stages.get(k, {}).get("best") for k in ("stage2", "baseline"))
+    if vd is None or vb is None:
+        return None
+    ship = "baseline" if vb > vd else "student"
+    if ship == "baseline":
+        log(f"validation: the labels-only twin beats the distilled student ({vb:.4f} > {vd:.4f}); ship baseline/ "
+            "(baseline_int8/): the teacher did not help this student on validation")
+    return {"distilled": vd, "baseline": vb, "ship": ship}
 
 
 def _json_default(o: Any) -> Any:
