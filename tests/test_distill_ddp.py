@@ -60,10 +60,11 @@ def test_two_processes_give_the_one_process_student(setup):
     a = load_file(str(root / "r1" / "student" / "model.safetensors"))
     b = load_file(str(root / "r2" / "student" / "model.safetensors"))
     assert a.keys() == b.keys()
-    # measured: 2.8e-4 at most (the patch embedding), from float summation order that Adam's division
-    # by sqrt(v) amplifies where gradients are small; a rank training on its own gradients is ~1e-2 off
+    # measured: 2.8e-4 at most (the patch embedding) on an AMD EPYC host, 1.06e-3 on an Intel Xeon one
+    # (other float kernels), from float summation order that Adam's division by sqrt(v) amplifies where
+    # gradients are small; a rank training on its own gradients is ~1e-2 off
     worst = max((float((a[k] - b[k]).abs().max()), k) for k in a if a[k].is_floating_point())
-    assert worst[0] <= 1e-3, worst
+    assert worst[0] <= 3e-3, worst
     for key in ("student_value", "teacher_value", "feature_cosine"):
         assert r2["test"][key] == pytest.approx(r1["test"][key], abs=2e-3), key
     assert (root / "r2" / "student_int8" / "model.onnx").is_file()

@@ -46,8 +46,9 @@ def _check_patch_multiple(model_name: str, checkpoint: str, overrides: dict, hw:
         if p and side % p:
             lower, upper = side // p * p, (side // p + 1) * p
             hint = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ConfigError(f"image_size {hw[0]} x {hw[1]}: {side} is not a multiple of the {ph}x{pw} patch "
-                              f"of {model_name}; use e.g. {hint}")
+            what = f"{side}" if hw[0] == hw[1] else f"{hw[0]} x {hw[1]}: {side}"
+            raise ConfigError(f"image_size {what} is not a multiple of the {ph}x{pw} patch of {model_name}; "
+                              f"use e.g. {hint}")
 
 
 def _common(f):
