@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from mirage_edge._io import atomic_write_text
+
 
 def read_run(run: Path, metric: str) -> dict:
     """eval / train events and the summary of one run folder (RUN/metrics.jsonl)."""
@@ -56,9 +58,7 @@ def main(runs: tuple[str, ...], out_dir: str, metric: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"schema": "mirage-edge/learning-curves", "version": 1, "metric": f"val {metric}", "runs": data}
-    tmp = out / "curves.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "curves.json")
+    atomic_write_text(out / "curves.json", json.dumps(doc, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")

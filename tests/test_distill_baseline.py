@@ -206,3 +206,9 @@ def test_class_weights_must_match_the_teachers_classes(seg_setup):
     line = one_line_error("distill", "--recipe", "layers-tiny", "--teacher", str(teacher), "--data", str(data),
                           "--out", str(root / "cw"), *FAST, "stage2.loss.class_weights=[1.0, 5.0]")
     assert line == "error: stage2.loss.class_weights has 2 weights but the teacher's head has 9 classes"
+    assert not (root / "cw" / "stage1").exists()  # refused before stage 1 spends any time
+    line = one_line_error("distill", "--recipe", "layers-tiny", "--teacher", str(teacher), "--data", str(data),
+                          "--student", "vit_tiny_c32", "--out", str(root / "vitfpn"), *FAST,
+                          'stage2.mode="new_head"', 'stage2.head={type = "fpn"}')
+    assert line == "error: an fpn head needs a CNN student with stage maps; StudentEncoder has none"
+    assert not (root / "vitfpn" / "stage1").exists()

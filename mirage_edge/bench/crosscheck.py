@@ -281,7 +281,7 @@ def _run_app(cmd: list[str], env: dict[str, str], timeout_s: float) -> AppResult
 
 
 def write_record(result: Any, path: str | Path) -> Path:
-    """Write the cross-check as one JSON record (atomically)."""
+    """Write a cross-check or breakdown result (its `to_dict()`) as one JSON record, atomically."""
     from mirage_edge._io import atomic_write_text
 
     p = Path(path)

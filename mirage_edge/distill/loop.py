@@ -279,6 +279,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     init_rng = torch.get_rng_state()  # the labels-only twin starts from the same backbone weights
     student = build_student(recipe.student.name, img_size=recipe.data.hw,
                             input_scale=recipe.student.input_scale)
+    _check_stage2(teacher, student, recipe.stage2)
     layer_map = {int(k): int(v) for k, v in recipe.student.layer_map.items()}
     missing = [t for t in layer_map if t not in teacher.layers]
     if missing:
@@ -514,18 +515,29 @@ def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val
     return twin, onnx_path, summary
 
 
+def _check_stage2(teacher: Teacher, student: nn.Module, s2: Stage2Spec) -> None:
+    """Stage-2 settings that cannot fit this teacher and student, refused before stage 1 spends time."""
+    from mirage_edge.models.task import check_fpn_encoder
+
+    if not teacher.task:
+        return
+    k = int(teacher.model.num_classes)
+    if s2.loss.class_weights and len(s2.loss.class_weights) != k:
+        raise ConfigError(f"stage2.loss.class_weights has {len(s2.loss.class_weights)} weights but the teacher's "
+                          f"head has {k} classes")
+    if s2.mode == "new_head" and teacher.task == "segmentation" and s2.head.get("type") == "fpn":
+        check_fpn_encoder(student)
+
+
 def _task_student(teacher: Teacher, proj: ProjectedStudent, student: nn.Module, s2: Stage2Spec) -> nn.Module:
     """Task model for stage 2: the teacher's head on the projected tokens, or a fresh head."""
     from mirage_edge.models.task import TASK_CLASSES, classification_model, segmentation_model
 
     tm = teacher.model
-    k = int(tm.num_classes)
-    if s2.loss.class_weights and len(s2.loss.class_weights) != k:
-        raise ConfigError(f"stage2.loss.class_weights has {len(s2.loss.class_weights)} weights but the teacher's "
-                          f"head has {k} classes")
     if s2.mode == "drop_in":
         head = copy.deepcopy(tm.head).requires_grad_(not s2.freeze_head)
         return TASK_CLASSES[tm.task](proj, head).train()
+    k = int(tm.num_classes)
     if tm.task == "segmentation" and s2.head.get("type") == "fpn":
         from mirage_edge.models.task import fpn_segmentation_model
 

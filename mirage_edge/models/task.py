@@ -114,15 +114,21 @@ def segmentation_model(encoder: nn.Module, num_classes: int, **head_kwargs) -> S
     return SegmentationModel(encoder, ConvNeXtSegHead(int(encoder.embed_dim), num_classes, **head_kwargs))
 
 
+def check_fpn_encoder(encoder: nn.Module) -> None:
+    """ConfigError unless `encoder` is a CNN student with stage maps (what an FPN head is built on)."""
+    from mirage_edge.errors import ConfigError
+
+    if not getattr(encoder, "stage_info", None) or getattr(encoder, "_vit", False):
+        raise ConfigError(f"an fpn head needs a CNN student with stage maps; {type(encoder).__name__} has none")
+
+
 def fpn_segmentation_model(encoder: nn.Module, num_classes: int, dim: int = 64,
                            min_stride: int = 4) -> SegmentationModel:
     """CNN student + a fresh FPN head (heads.FPNSegHead) on its stages of stride >= `min_stride`."""
-    from mirage_edge.errors import ConfigError
     from mirage_edge.models.heads import FPNSegHead
 
-    info = getattr(encoder, "stage_info", None)
-    if not info or getattr(encoder, "_vit", False):
-        raise ConfigError(f"an fpn head needs a CNN student with stage maps; {type(encoder).__name__} has none")
+    check_fpn_encoder(encoder)
+    info = encoder.stage_info
     # the last stage of each stride (timm lists a stride once per stage; several stages may share it)
     last = {stride: i for i, (_, stride) in enumerate(info) if stride >= min_stride}
     stages = sorted(last.values())
