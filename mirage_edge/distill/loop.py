@@ -279,7 +279,7 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
     init_rng = torch.get_rng_state()  # the labels-only twin starts from the same backbone weights
     student = build_student(recipe.student.name, img_size=recipe.data.hw,
                             input_scale=recipe.student.input_scale)
-    _check_stage2(teacher, student, recipe.stage2)
+    _check_stage2(teacher, student, recipe.stage2, val is not None)
     layer_map = {int(k): int(v) for k, v in recipe.student.layer_map.items()}
     missing = [t for t in layer_map if t not in teacher.layers]
     if missing:
@@ -344,6 +344,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
             tcfg = dataclasses.replace(s2.loss, alpha=s2.alpha_grid[0]) if s2.alpha_grid else s2.loss
             summary = run_stage("stage2", final, loss2_with(tcfg), train, s2, recipe, out, resume, log,
                                 _val_metric(val, task, recipe), monitor, train_module=train2)
+        if s2.calibrate:
+            summary["calibration"] = _calibrate(final, val, task, recipe, log, "stage2")
         train.cache = None
         report["stages"]["stage2"] = {**summary, "cache": stats}
     elif s2.epochs > 0 and task and not teacher.task:
@@ -391,7 +393,9 @@ def _validation_pick(stages: dict[str, Any], log: Log) -> dict[str, Any] | None:
     """Which of the distilled student and its labels-only twin to ship, decided on the val split (the
     same data and metric that chose the KD weight), so that shipping the product's student is never
     worse than no teacher where validation can tell. None without a validation metric."""
-    vd, vb = (stages.get(k, {}).get("best") for k in ("stage2", "baseline"))
+    # after calibration, each as it ships
+    vd, vb = (stages.get(k, {}).get("calibration", {}).get("val_after", stages.get(k, {}).get("best"))
+              for k in ("stage2", "baseline"))
     if vd is None or vb is None:
         return None
     ship = "baseline" if vb > vd else "student"
@@ -423,6 +427,24 @@ def _val_metric(val: DistillSamples | None, task: str, recipe: DistillRecipe) ->
         return {"val_metric": ev.headline(task, ev.task_metrics(task, logits, truth[0], val, hd95=False))[1]}
 
     return evaluate
+
+
+def _calibrate(model: nn.Module, val: DistillSamples | None, task: str, recipe: DistillRecipe, log: Log,
+               who: str) -> dict[str, Any]:
+    """stage2.calibrate: choose the foreground logit offset on val (scored as `_val_metric`) and fold it
+    into `model`'s head (`mirage_edge.calibrate`). Deterministic, so a resumed run folds the same one."""
+    from mirage_edge import calibrate, metrics
+
+    assert val is not None and task == "segmentation"  # _check_stage2
+    logits, labels = ev.collect(val, unwrap(model), recipe.run.eval_batch_size)
+    truth = ev.native_truth(task, labels, val)
+    classes, ignore = ev.seg_classes(val, logits.shape[1])
+    res = calibrate.choose_offset(
+        logits, metrics.scored_classes(classes, ignore),
+        lambda lg: ev.headline(task, ev.task_metrics(task, lg, truth, val, hd95=False))[1])
+    calibrate.fold_offset(unwrap(model), res["classes"], res["offset"])
+    log(f"{who}: {calibrate.describe(res)}")
+    return res
 
 
 def _alpha_search(model: nn.Module, train_module: nn.Module, loss_with: Callable, train: DistillSamples,
@@ -498,6 +520,8 @@ def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val
 
     summary = run_stage("baseline_stage", twin, loss_b, labelled, spec, recipe, out, resume, log,
                         _val_metric(val, task, recipe), "val_metric" if val is not None else None)
+    if s2.calibrate:  # as the distilled student is
+        summary["calibration"] = _calibrate(twin, val, task, recipe, log, "baseline")
     _deploy_form(backbone, recipe)
     twin.eval()
     bmeta = {**meta, "teacher": None, "labels_only": True}
@@ -515,12 +539,15 @@ def _train_twin(arch: tuple[nn.Module, nn.Module], labelled: DistillSamples, val
     return twin, onnx_path, summary
 
 
-def _check_stage2(teacher: Teacher, student: nn.Module, s2: Stage2Spec) -> None:
+def _check_stage2(teacher: Teacher, student: nn.Module, s2: Stage2Spec, has_val: bool) -> None:
     """Stage-2 settings that cannot fit this teacher and student, refused before stage 1 spends time."""
     from mirage_edge.models.task import check_fpn_encoder
 
     if not teacher.task:
         return
+    if s2.calibrate and (teacher.task != "segmentation" or not has_val):
+        raise ConfigError("stage2.calibrate chooses a segmentation logit offset on validation data: it needs a "
+                          f"segmentation teacher (this one: {teacher.task}) and a val split in data.path")
     k = int(teacher.model.num_classes)
     if s2.loss.class_weights and len(s2.loss.class_weights) != k:
         raise ConfigError(f"stage2.loss.class_weights has {len(s2.loss.class_weights)} weights but the teacher's "

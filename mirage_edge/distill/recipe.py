@@ -201,6 +201,11 @@ class Stage2Spec:
     weights with the same data order; the one with the best validation metric is kept (needs a val
     split). Include 0 (the labels alone on the distilled initialisation) so that a teacher weaker
     than the labels cannot make the student worse than that. Empty = `loss.alpha` only.
+
+    calibrate (segmentation, needs a val split): after stage 2, and for the labels-only twin after
+    its training, a foreground logit offset is chosen on validation and folded into the head's last
+    bias (`mirage_edge.calibrate`): the threshold of a lesion of ~0.1 % of the pixels, which the
+    losses leave under-confident, set where the val metric is best (0 kept on a tie).
     """
 
     epochs: int = 5
@@ -215,6 +220,7 @@ class Stage2Spec:
     freeze_head: bool = False
     head: dict[str, Any] = field(default_factory=dict)
     loss: TaskLossConfig = field(default_factory=TaskLossConfig)
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         _check_ranges(self, "stage2", positive=("batch_size", "lr"),

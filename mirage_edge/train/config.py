@@ -158,6 +158,8 @@ class FinetuneConfig:
     `augmentation`: AugmentConfig fields (mirage_edge.data.transforms) replacing its defaults when `augment`
     is on, e.g. {speckle = 0.5, degrees = 5}. `class_weights` (seg): per-class cross-entropy weights, one
     per class of INFO.json ([] = unweighted); for a lesion class on ~0.5 % of the pixels.
+    `calibrate` (seg): fold a foreground logit offset chosen on the val split into the best checkpoint's
+    head, saved as calibrated/ (`mirage_edge.calibrate`): the threshold of a lesion of ~0.5 % of the pixels.
     `center_inputs`: train the MIRAGE patch projection on pixels minus their training-set mean (see
     `mirage_edge.train.reparam`); saved weights still take the usual [0, 1] input. For encoders trained
     from scratch: without it a tiny MIRAGE stays at chance on synthetic cls data for many epochs.
@@ -175,6 +177,7 @@ class FinetuneConfig:
     augmentation: dict[str, Any] = field(default_factory=dict)
     class_weights: list[float] = field(default_factory=list)
     center_inputs: bool = False
+    calibrate: bool = False
     label_smoothing: float = 0.1
     ce_weight: float = 0.5
     dice_weight: float = 0.5
@@ -188,6 +191,8 @@ class FinetuneConfig:
             raise ValueError("mode 'frozen' is for task 'seg'; use 'linear_probe' or 'full' for cls")
         if self.task == "seg" and self.mode == "linear_probe":
             raise ValueError("mode 'linear_probe' is for task 'cls'; use 'frozen' or 'full' for seg")
+        if self.calibrate and self.task != "seg":
+            raise ValueError("'calibrate' chooses a segmentation logit offset; it is for task 'seg'")
         try:
             h, w = self.hw
         except (TypeError, ValueError):

@@ -6,7 +6,9 @@
   token and head train, §11), `full` trains everything. Loss: 0.5 CE + 0.5 generalised Dice.
 The validation metric picks `best/` and drives early stopping; the best checkpoint is then
 evaluated on the test split with `mirage_edge.metrics` and the numbers written to
-`<out_dir>/test_metrics.json`.
+`<out_dir>/test_metrics.json`. seg with `calibrate`: a foreground logit offset chosen on the val split
+is folded into best/'s head and saved as `<out_dir>/calibrated/` (`mirage_edge.calibrate`), which a
+run folder then resolves to and the test split scores.
 """
 from __future__ import annotations
 
@@ -34,15 +36,17 @@ DEFAULT_MONITOR = {"cls": "bacc", "seg": "dice"}
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A run folder is accepted in place of a checkpoint: its best/, else its latest checkpoints/step_*."""
+    """A run folder is accepted in place of a checkpoint: its calibrated/, else best/, else its latest
+    checkpoints/step_*."""
     from mirage_edge.train.checkpoint import latest_checkpoint
 
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"'model.checkpoint' {p} does not exist")
     if p.is_dir() and not (p / "config.json").exists():
-        if (p / "best" / "config.json").exists():
-            return str(p / "best")
+        for sub in ("calibrated", "best"):
+            if (p / sub / "config.json").exists():
+                return str(p / sub)
         last = latest_checkpoint(p / "checkpoints")
         if last is not None:
             return str(last)
@@ -243,17 +247,43 @@ def evaluate_seg(model: nn.Module, dataset: Any, batch_size: int, num_workers: i
 
     preds = predict(model, dataset, batch_size, num_workers)
     order = sorted(preds)
-    pred_masks = [preds[i] for i in order]
-    true_masks = [dataset.read_mask(i) for i in order]
-    vols = [dataset.volume_ids[i] for i in order]
-    res = segmentation_metrics(pred_masks, true_masks, vols, list(dataset.classes), ignore=None,
-                               invalid=dataset.info.indices("invalid"), compute_hd95=hd95)
+    res = seg_scores([preds[i] for i in order], dataset, order, hd95)
     out = _flat(res)
     if not hd95:
         out.pop("hd95", None)
     for name, row in res.get("per_class", {}).items():
         out[f"dice/{name}"] = float(row["dice"])
     return out
+
+
+def seg_scores(pred_masks: list[np.ndarray], dataset: Any, order: list[int], hd95: bool = True) -> dict[str, Any]:
+    """`segmentation_metrics` of `pred_masks` (H x W each, dataset items `order`) against the dataset's masks."""
+    from mirage_edge.metrics import segmentation_metrics
+
+    return segmentation_metrics(pred_masks, [dataset.read_mask(i) for i in order],
+                                [dataset.volume_ids[i] for i in order], list(dataset.classes), ignore=None,
+                                invalid=dataset.info.indices("invalid"), compute_hd95=hd95)
+
+
+@torch.no_grad()
+def calibrate_seg(model: nn.Module, dataset: Any, batch_size: int) -> dict[str, Any]:
+    """Choose the foreground logit offset on `dataset` (val) by its Dice and fold it into `model`'s head.
+    Every rank computes the same logits over the whole split, so every rank folds the same offset."""
+    from torch.utils.data import DataLoader
+
+    from mirage_edge import calibrate
+    from mirage_edge.metrics import scored_classes
+
+    dev = next(model.parameters()).device
+    model.eval()
+    logits = np.concatenate([model(b["image"].to(dev)).float().cpu().numpy()
+                             for b in DataLoader(dataset, batch_size=batch_size, shuffle=False)])
+    order = list(range(len(dataset)))
+    invalid = set(dataset.info.indices("invalid"))
+    fg = [c for c in scored_classes(list(dataset.classes), None) if c not in invalid]
+    res = calibrate.choose_offset(logits, fg, lambda lg: seg_scores(list(lg.argmax(1)), dataset, order, False)["dice"])
+    calibrate.fold_offset(model, res["classes"], res["offset"])
+    return res
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:
@@ -335,19 +365,28 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
             "classes": list(train_set.classes), "preprocessing": spec.to_dict(), "monitor": monitor,
             "data": str(cfg.data)}
 
-    def save_fn(m: nn.Module, out_dir: Path) -> None:
+    def save_fn(m: nn.Module, out_dir: Path, more: dict[str, Any] | None = None) -> None:
         from mirage_edge.models import save_model
 
-        save_model(m, out_dir, extra=meta)
+        save_model(m, out_dir, extra={**meta, **(more or {})})
 
     trainer = Trainer(model, loss_fn, train_set, loop=cfg.loop, optimizer=opt, schedule=schedule,
                       run_dir=cfg.out_dir, evaluate=evaluate, monitor=monitor, mode=mode,
                       config=C.to_dict(cfg), save_model_fn=save_fn, description=f"finetune-{cfg.task}")
     fit = trainer.fit(resume=resume)
     out: dict[str, Any] = {"fit": fit, "val": fit.history[-1] if fit.history else {}, "test": None}
+    scored = fit.best_dir
     if fit.best_dir is not None:
         load_checkpoint(fit.best_dir, model)
         out["val"] = next((h for h in fit.history if h["step"] == fit.best_step), out["val"])
+    if cfg.calibrate:  # from best/ every time, so a resumed finished run writes the same calibrated/
+        out["calibration"] = cal = calibrate_seg(model, sets["val"], eval_bs)
+        scored = Path(cfg.out_dir) / "calibrated"
+        if info.is_main:
+            from mirage_edge import calibrate
+
+            save_fn(model, scored, {"calibration": cal, "from": str(fit.best_dir)})
+            progress(f"{calibrate.describe(cal)}; saved to {scored}")
     if "test" in sets and len(sets["test"]):
         model.eval()
         with torch.no_grad(), D.autocast(trainer.device, trainer.amp_dtype):
@@ -358,13 +397,14 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
         out["test"] = test
         if info.is_main:
             atomic_write_text(Path(cfg.out_dir) / "test_metrics.json", json.dumps(
-                {"checkpoint": str(fit.best_dir), "best_step": fit.best_step, "val": out["val"], "test": test},
+                {"checkpoint": str(scored), "best_step": fit.best_step, "val": out["val"], "test": test,
+                 **({"calibration": out["calibration"]} if cfg.calibrate else {})},
                 indent=1, default=float))
             shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items())
-            progress(f"test ({fit.best_dir}): {shown}")
+            progress(f"test ({scored}): {shown}")
     D.shutdown_distributed()
     return out
 
 
 __all__ = ["run_finetune", "resolve_checkpoint", "build_task_model", "set_trainable", "as_bscan_encoder", "evaluate_cls",
-           "evaluate_seg", "predict", "check_data", "pixel_mean"]
+           "evaluate_seg", "calibrate_seg", "seg_scores", "predict", "check_data", "pixel_mean"]

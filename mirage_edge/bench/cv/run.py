@@ -192,6 +192,8 @@ def _teacher(spec: CVSpec, fdir: Path, log: Log) -> tuple[dict[str, Any], bool]:
     fit = res["fit"]
     info = {"dir": str(run_dir), "best": str(fit.best_dir) if fit.best_dir else None, "best_step": fit.best_step,
             "val": res["val"], "test": res["test"], "seconds": time.perf_counter() - t0, "resumed": resumed}
+    if "calibration" in res:  # the teacher config's `calibrate`: distil from the calibrated checkpoint
+        info.update(calibration=res["calibration"], checkpoint=str(run_dir / "calibrated"))
     if fit.best_dir is None:
         raise ConfigError(f"the teacher of {fdir.name} saved no best checkpoint (no validation ran): give it "
                           "validation in its config (loop.eval_every)")
@@ -209,7 +211,7 @@ def _distill(spec: CVSpec, fdir: Path, teacher: dict[str, Any], cache_dir: Path,
     from mirage_edge._io import output_errors
     from mirage_edge.distill.loop import distill
 
-    rec = distill_recipe(spec, fdir / "data", teacher["best"], run_dir, cache_dir)
+    rec = distill_recipe(spec, fdir / "data", teacher.get("checkpoint", teacher["best"]), run_dir, cache_dir)
     resumed = run_dir.is_dir() and any(run_dir.iterdir())
     log(f"  distill: {rec.student.name} ({'with' if rec.baseline.enabled else 'without'} twin) -> {run_dir}"
         + (" (resuming)" if resumed else ""))
