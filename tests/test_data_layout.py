@@ -92,6 +92,22 @@ def test_classification_and_cross_dataset(tmp_path):
         cross_dataset(tr, bad)
 
 
+def test_one_file_name_in_two_class_folders_is_two_samples(tmp_path):
+    """The teacher cache keys rows by sample id: a shared file name must not make two images one row."""
+    from mirage_edge.data.preprocess import PreprocessSpec
+    from mirage_edge.distill.data import DistillSamples
+
+    root = tmp_path / "c"
+    rng = np.random.default_rng(1)
+    for sp in ("train", "val"):
+        for c in ("CNV", "NORMAL"):
+            write_png(root / sp / c / "img_001.png", rng.integers(0, 256, (16, 16)).astype(np.uint8))
+    idx = scan_dataset(root)
+    assert [s.id for s in idx.samples("train")] == ["CNV/img_001", "NORMAL/img_001"]
+    ds = DistillSamples(idx, "train", PreprocessSpec(size=(16, 16)), ("bscan",))
+    assert ds.sample_id(0) != ds.sample_id(1) and ds.fingerprint(0) != ds.fingerprint(1)
+
+
 def _expect(root, fragment, **kw):
     with pytest.raises(DataError) as err:
         load_dataset(root, **kw)

@@ -417,7 +417,9 @@ def _scan_classification(root: Path) -> DatasetIndex:
         if absent:
             warnings.append(f"split {split!r} ({bases[split]}) has no images of class(es) {absent}")
     splits = {
-        split: [Sample(id=p.stem, split=split, image=p, volume=volume_id(p.stem), label=classes.index(c))
+        # the class folder is part of the id: one file name in two class folders is two samples (the
+        # teacher cache and the augmentation seeds are keyed by id)
+        split: [Sample(id=f"{c}/{p.stem}", split=split, image=p, volume=volume_id(p.stem), label=classes.index(c))
                 for c in sorted(by_class) for p in by_class[c]]
         for split, by_class in per_split.items()
     }
