@@ -127,6 +127,22 @@ def test_distill_calibrates_the_student_and_its_twin_on_validation(seg_setup):
     pick = json.loads((out / "report.json").read_text())["validation"]
     assert (pick["distilled"], pick["baseline"]) == (st["stage2"]["calibration"]["val_after"],
                                                      st["baseline"]["calibration"]["val_after"])
+    # benchmarks/calibration_ablation.py: each form with and without its offset, consistent with the report
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from calibration_ablation import ablate, main
+
+    ab = ablate(out)
+    test = json.loads((out / "report.json").read_text())["test"]
+    assert ab["test/student/calibrated"]["dice"] == pytest.approx(test["student_value"], abs=1e-6)
+    assert ab["test/twin/calibrated"]["dice"] == pytest.approx(test["baseline_value"], abs=1e-6)
+    for stage, who in (("stage2", "student"), ("baseline", "twin")):
+        assert ab[f"val/{who}/offset0"]["dice"] == pytest.approx(st[stage]["calibration"]["val_before"], abs=1e-6)
+        assert ab[f"val/{who}/calibrated"]["offset"] == st[stage]["calibration"]["offset"]
+    bad = CliRunner().invoke(main, [str(root)])
+    assert bad.exit_code != 0 and "not a finished distill run folder" in bad.output
 
 
 def test_distill_calibrate_needs_validation_and_is_refused_before_stage_1(seg_setup):
