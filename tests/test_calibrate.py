@@ -1,4 +1,4 @@
-"""The foreground logit offset chosen on validation (`mirage_edge.calibrate`): the search, the exact fold
+"""The foreground logit offset chosen on validation (`mirage_edge.models.calibrate`): the search, the exact fold
 into the head, and its use by `train finetune` (calibrated/) and `distill` (student and twin alike)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import one_line_error, tiny_seg_teacher
 from test_distill_pipeline import FAST
 
-from mirage_edge import calibrate
+from mirage_edge.models import calibrate
 from mirage_edge.errors import ConfigError
 
 torch.set_num_threads(2)

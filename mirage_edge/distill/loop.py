@@ -432,8 +432,9 @@ def _val_metric(val: DistillSamples | None, task: str, recipe: DistillRecipe) ->
 def _calibrate(model: nn.Module, val: DistillSamples | None, task: str, recipe: DistillRecipe, log: Log,
                who: str) -> dict[str, Any]:
     """stage2.calibrate: choose the foreground logit offset on val (scored as `_val_metric`) and fold it
-    into `model`'s head (`mirage_edge.calibrate`). Deterministic, so a resumed run folds the same one."""
-    from mirage_edge import calibrate, metrics
+    into `model`'s head (`mirage_edge.models.calibrate`). Deterministic, so a resumed run folds the same one."""
+    from mirage_edge import metrics
+    from mirage_edge.models import calibrate
 
     assert val is not None and task == "segmentation"  # _check_stage2
     logits, labels = ev.collect(val, unwrap(model), recipe.run.eval_batch_size)

@@ -204,7 +204,7 @@ class Stage2Spec:
 
     calibrate (segmentation, needs a val split): after stage 2, and for the labels-only twin after
     its training, a foreground logit offset is chosen on validation and folded into the head's last
-    bias (`mirage_edge.calibrate`): the threshold of a lesion of ~0.1 % of the pixels, which the
+    bias (`mirage_edge.models.calibrate`): the threshold of a lesion of ~0.1 % of the pixels, which the
     losses leave under-confident, set where the val metric is best (0 kept on a tie).
     """
 

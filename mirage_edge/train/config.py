@@ -159,7 +159,7 @@ class FinetuneConfig:
     is on, e.g. {speckle = 0.5, degrees = 5}. `class_weights` (seg): per-class cross-entropy weights, one
     per class of INFO.json ([] = unweighted); for a lesion class on ~0.5 % of the pixels.
     `calibrate` (seg): fold a foreground logit offset chosen on the val split into the best checkpoint's
-    head, saved as calibrated/ (`mirage_edge.calibrate`): the threshold of a lesion of ~0.5 % of the pixels.
+    head, saved as calibrated/ (`mirage_edge.models.calibrate`): the threshold of a lesion of ~0.5 % of the pixels.
     `center_inputs`: train the MIRAGE patch projection on pixels minus their training-set mean (see
     `mirage_edge.train.reparam`); saved weights still take the usual [0, 1] input. For encoders trained
     from scratch: without it a tiny MIRAGE stays at chance on synthetic cls data for many epochs.

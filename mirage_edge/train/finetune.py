@@ -7,7 +7,7 @@
 The validation metric picks `best/` and drives early stopping; the best checkpoint is then
 evaluated on the test split with `mirage_edge.metrics` and the numbers written to
 `<out_dir>/test_metrics.json`. seg with `calibrate`: a foreground logit offset chosen on the val split
-is folded into best/'s head and saved as `<out_dir>/calibrated/` (`mirage_edge.calibrate`), which a
+is folded into best/'s head and saved as `<out_dir>/calibrated/` (`mirage_edge.models.calibrate`), which a
 run folder then resolves to and the test split scores.
 """
 from __future__ import annotations
@@ -271,7 +271,7 @@ def calibrate_seg(model: nn.Module, dataset: Any, batch_size: int) -> dict[str, 
     Every rank computes the same logits over the whole split, so every rank folds the same offset."""
     from torch.utils.data import DataLoader
 
-    from mirage_edge import calibrate
+    from mirage_edge.models import calibrate
     from mirage_edge.metrics import scored_classes
 
     dev = next(model.parameters()).device
@@ -383,7 +383,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None) -> dict[str, An
         out["calibration"] = cal = calibrate_seg(model, sets["val"], eval_bs)
         scored = Path(cfg.out_dir) / "calibrated"
         if info.is_main:
-            from mirage_edge import calibrate
+            from mirage_edge.models import calibrate
 
             save_fn(model, scored, {"calibration": cal, "from": str(fit.best_dir)})
             progress(f"{calibrate.describe(cal)}; saved to {scored}")
