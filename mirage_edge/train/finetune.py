@@ -256,11 +256,15 @@ def evaluate_seg(model: nn.Module, dataset: Any, batch_size: int, num_workers: i
     return out
 
 
-def seg_scores(pred_masks: list[np.ndarray], dataset: Any, order: list[int], hd95: bool = True) -> dict[str, Any]:
-    """`segmentation_metrics` of `pred_masks` (H x W each, dataset items `order`) against the dataset's masks."""
+def seg_scores(pred_masks: list[np.ndarray], dataset: Any, order: list[int], hd95: bool = True,
+               true_masks: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """`segmentation_metrics` of `pred_masks` (H x W each, dataset items `order`) against the dataset's masks
+    (`true_masks`: those masks already read, for a caller that scores many predictions)."""
     from mirage_edge.metrics import segmentation_metrics
 
-    return segmentation_metrics(pred_masks, [dataset.read_mask(i) for i in order],
+    if true_masks is None:
+        true_masks = [dataset.read_mask(i) for i in order]
+    return segmentation_metrics(pred_masks, true_masks,
                                 [dataset.volume_ids[i] for i in order], list(dataset.classes), ignore=None,
                                 invalid=dataset.info.indices("invalid"), compute_hd95=hd95)
 
@@ -281,7 +285,9 @@ def calibrate_seg(model: nn.Module, dataset: Any, batch_size: int) -> dict[str, 
     order = list(range(len(dataset)))
     invalid = set(dataset.info.indices("invalid"))
     fg = [c for c in scored_classes(list(dataset.classes), None) if c not in invalid]
-    res = calibrate.choose_offset(logits, fg, lambda lg: seg_scores(list(lg.argmax(1)), dataset, order, False)["dice"])
+    truth = [dataset.read_mask(i) for i in order]  # once, not once per offset tried
+    res = calibrate.choose_offset(logits, fg, lambda lg: seg_scores(list(lg.argmax(1)), dataset, order, False,
+                                                                    truth)["dice"])
     calibrate.fold_offset(model, res["classes"], res["offset"])
     return res
 
