@@ -136,20 +136,34 @@ class FPNSegHead(nn.Module):
     (nearest, x2) and added to the next finer lateral; a 3x3 conv + BN + ReLU on the finest sum, a
     1x1 conv to the classes, bilinear upsampling to the image size. Unlike the token heads it sees
     the stride-4/8 maps, where few-pixel lesions (fluid pockets) still exist.
+
+    smooth: "conv" (a full 3x3 conv) or "dw" (a depthwise 3x3 + BN, then a 1x1 conv): at the finest
+    map the full conv is most of the head's cost - at 512 x 512 and dim 64, 0.6 GMAC, about the
+    MobileNetV4 encoder's own - and "dw" cuts it 8x (benchmarks/results/README.md, "faster student").
     """
 
     multiscale = True
 
-    def __init__(self, in_channels: list[int], num_classes: int, stages: list[int], dim: int = 64) -> None:
+    def __init__(self, in_channels: list[int], num_classes: int, stages: list[int], dim: int = 64,
+                 smooth: str = "conv") -> None:
         super().__init__()
         if len(in_channels) != len(stages) or not stages:
             raise ConfigError(f"fpn head: {len(in_channels)} channel counts for stages {stages}")
+        if smooth not in ("conv", "dw"):
+            raise ConfigError(f"fpn head: smooth must be 'conv' or 'dw', got {smooth!r}")
         self.config = dict(type="fpn", in_channels=[int(c) for c in in_channels], num_classes=num_classes,
                            stages=[int(i) for i in stages], dim=dim)
+        if smooth != "conv":  # written only when set, so configs saved before the option load unchanged
+            self.config["smooth"] = smooth
         self.stages, self.num_classes = list(stages), num_classes
         self.lateral = nn.ModuleList([nn.Conv2d(c, dim, kernel_size=1) for c in in_channels])
-        self.smooth = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(dim),
-                                    nn.ReLU(inplace=True))
+        if smooth == "dw":
+            self.smooth = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False),
+                                        nn.BatchNorm2d(dim), nn.Conv2d(dim, dim, kernel_size=1, bias=False),
+                                        nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        else:
+            self.smooth = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False),
+                                        nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
         self.final_layer = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def forward(self, feats: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:

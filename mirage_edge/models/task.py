@@ -123,8 +123,9 @@ def check_fpn_encoder(encoder: nn.Module) -> None:
 
 
 def fpn_segmentation_model(encoder: nn.Module, num_classes: int, dim: int = 64,
-                           min_stride: int = 4) -> SegmentationModel:
-    """CNN student + a fresh FPN head (heads.FPNSegHead) on its stages of stride >= `min_stride`."""
+                           min_stride: int = 4, smooth: str = "conv") -> SegmentationModel:
+    """CNN student + a fresh FPN head (heads.FPNSegHead, `smooth` "conv" | "dw") on its stages of
+    stride >= `min_stride`."""
     from mirage_edge.models.heads import FPNSegHead
 
     check_fpn_encoder(encoder)
@@ -132,7 +133,7 @@ def fpn_segmentation_model(encoder: nn.Module, num_classes: int, dim: int = 64,
     # the last stage of each stride (timm lists a stride once per stage; several stages may share it)
     last = {stride: i for i, (_, stride) in enumerate(info) if stride >= min_stride}
     stages = sorted(last.values())
-    return SegmentationModel(encoder, FPNSegHead([info[i][0] for i in stages], num_classes, stages, dim))
+    return SegmentationModel(encoder, FPNSegHead([info[i][0] for i in stages], num_classes, stages, dim, smooth))
 
 
 def classification_model(encoder: nn.Module, num_classes: int, pool: str = "global") -> ClassificationModel:
