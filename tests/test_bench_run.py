@@ -178,3 +178,25 @@ def test_encoders_give_latency_only_rows(tmp_path):
         rec = recs[label]
         assert rec.status == "ok" and rec.latency_median_ms > 0, (label, rec.error)
         assert rec.primary_value is None and "encoder features (no task head): latency only" in rec.notes
+
+
+def test_an_artifact_dynamic_in_h_and_w_is_timed_at_the_suite_size(tmp_path):
+    """A fixed-size artifact is skipped at another size; one exported with dynamic H/W is timed there (the
+    Duke student trained at 256 x 384 is timed at the reference's 512 x 512 from the file it ships in)
+    and still evaluated at its own preprocessing size."""
+    make_onnx_artifact(tmp_path / "export" / "fixed" / "onnx-fp32")
+    make_onnx_artifact(tmp_path / "export" / "dyn" / "onnx-fp32", dynamic_hw=True)
+    suite = _suite(tmp_path, [
+        {"label": "teacher", "role": "teacher", "factory": "test_bench_toys:teacher_seg"},
+        {"label": "fixed", "role": "student", "artifacts": ["{root}/export/fixed/*"]},
+        {"label": "dyn", "role": "student", "artifacts": ["{root}/export/dyn/*"]},
+    ], input_sizes=[2 * SIZE])
+    records = run_suite(suite, tmp_path / "out", progress=lambda m: None).records
+    recs = {r.model: r for r in records if r.backend == "onnxruntime"}
+    assert recs["fixed"].status == "skipped" and f"height {SIZE}" in recs["fixed"].error
+    dyn = recs["dyn"]
+    assert dyn.status == "ok", dyn.error
+    assert (dyn.input_h, dyn.input_w) == (2 * SIZE, 2 * SIZE) and dyn.latency_median_ms > 0
+    teacher = next(r for r in records if r.model == "teacher")
+    assert dyn.eval_input == f"{SIZE}x{SIZE}" and dyn.eval_n > 0
+    assert dyn.primary_value == pytest.approx(teacher.primary_value)  # the toy artifact is the teacher's function

@@ -88,9 +88,10 @@ def make_seg_set(root: Path, n_test: int = 6, size: int = 48, seed: int = 0) -> 
     return root
 
 
-def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentation") -> Path:
+def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentation", dynamic_hw: bool = False) -> Path:
     """An ONNX segmentation artifact computing ThresholdSeg(0.5) on 1 x 1 x SIZE x SIZE input
-    (task="encoder": the same graph declared as an encoder whose output is a feature map)."""
+    (task="encoder": the same graph declared as an encoder whose output is a feature map; dynamic_hw:
+    any H x W, as `export --set dynamic_hw=true` declares it, still preprocessed to SIZE x SIZE)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -100,9 +101,11 @@ def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentati
     w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], [-1.0, 1.0])
     b = helper.make_tensor("b", TensorProto.FLOAT, [2], [0.5, -0.5])
     node = helper.make_node("Conv", ["image", "w", "b"], ["logits"])
+    h, w_ = ("height", "width") if dynamic_hw else (SIZE, SIZE)
+    axes = {"0": "batch", **({"2": "height", "3": "width"} if dynamic_hw else {})}
     graph = helper.make_graph([node], "threshold", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
-                                                                                  ["batch", 1, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, SIZE, SIZE])],
+                                                                                  ["batch", 1, h, w_])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, h, w_])],
                               initializer=[w, b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -110,9 +113,9 @@ def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentati
     spec = PreprocessSpec(size=(SIZE, SIZE), scaling="divide", interpolation="nearest")
     seg = task == "segmentation"
     meta = ArtifactMeta(task=task, format="onnx", precision="fp32", files=["model.onnx"],
-                        inputs=[TensorSpec("image", ["batch", 1, SIZE, SIZE], dynamic_axes={"0": "batch"})],
-                        outputs=[TensorSpec("logits", ["batch", 2, SIZE, SIZE], kind="logits" if seg else "features",
-                                            dynamic_axes={"0": "batch"})],
+                        inputs=[TensorSpec("image", ["batch", 1, h, w_], dynamic_axes=axes)],
+                        outputs=[TensorSpec("logits", ["batch", 2, h, w_], kind="logits" if seg else "features",
+                                            dynamic_axes=axes)],
                         classes=["Background", "Fluid"] if seg else [], preprocessing={"image": spec.to_dict()},
                         name="threshold")
     write_meta(out, meta)

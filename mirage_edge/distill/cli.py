@@ -33,7 +33,8 @@ def _size(text: str | None) -> int | list[int] | None:
               help="Dimensions of an official checkpoint of a non-standard size (e.g. tiny_config.json).")
 @click.option("--student", default=None, metavar="NAME",
               help="Student: mobilenetv4_conv_small, vit_tiny_c32, repvit_m0_9 or resnet18 "
-                   "(also vit_tiny_patch32, mobileone_s0, student-tiny; see distill/README.md).")
+                   "(also mobilenetv4_conv_small_050, vit_tiny_patch32, mobileone_s0, student-tiny; "
+                   "see distill/README.md).")
 @click.option("--data", "data_path", default=None, metavar="DIR", help="RetinaBench folder (or any image folder).")
 @click.option("--task", type=click.Choice(sorted(_TASKS)), default=None,
               help="seg | cls (task-aware stage 2 needs a fine-tuned teacher) | none (feature KD only).")
