@@ -301,3 +301,29 @@ def test_segmentation_folder_gives_dice_metric(tmp_path):
     assert meta.task == "segmentation"
     assert 0.0 <= meta.parity["torch_dice"] <= 1.0
     assert abs(meta.parity["torch_dice"] - meta.parity["artifact_dice"]) < 1e-6 and meta.parity["metric_drop"] < 0.01
+
+
+def test_dynamic_hw_is_checked_at_another_size(tmp_path):
+    """dynamic_hw: a CNN student's graph runs at a size it was not exported at (checked and recorded); a
+    ViT whose positional table the exporter traced as a constant is refused by name, not shipped broken."""
+    from mirage_edge.export import export_model
+    from mirage_edge.models.students import build_student
+    from mirage_edge.models.task import fpn_segmentation_model
+    from mirage_edge.runtime import Predictor
+    from test_export_support import mirage_seg
+
+    torch.manual_seed(0)
+    cnn = fpn_segmentation_model(build_student("student-tiny", img_size=SIZE), 2, dim=8, smooth="dw").eval()
+    (d,) = export_model(cnn, tmp_path / "cnn", target(formats=["onnx"], precisions=["fp32"], dynamic_hw=True,
+                                                      seg_argmax=True, seg_mask_stride=4, validation={"n_inputs": 4}))
+    meta = load_verified_meta(d)
+    big = SIZE + 64
+    assert meta.parity["dynamic_hw_check"] == {"size": [big, big], "output_shape": [1, big, big]}
+    x = np.random.default_rng(1).random((1, 1, big, 2 * SIZE), dtype=np.float32)
+    mask = Predictor.load(d).run(x)["mask"]
+    with torch.no_grad():
+        ref = cnn.forward_mask(torch.from_numpy(x), 4)
+    assert mask.shape == (1, big, 2 * SIZE) and float((torch.from_numpy(mask).long() == ref).float().mean()) > 0.999
+    with pytest.raises(ExportError, match=f"runs only at its export size {SIZE}x{SIZE}, not at {big}x{big}"):
+        export_model(mirage_seg(), tmp_path / "vit", target(formats=["onnx"], precisions=["fp32"], dynamic_hw=True,
+                                                            validation={"n_inputs": 4}))

@@ -296,6 +296,8 @@ def _validate(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, stage
         numbers["metric_drop"] = float(ref_metric[key] - art[key])
     if target.validation.enabled:
         val.check(numbers, plan.task, plan.output_kind, prec, target.validation, f"{fmt}-{prec} artifact")
+    if target.dynamic_hw:
+        numbers["dynamic_hw_check"] = _check_dynamic_hw(backend, plan, data, f"{fmt}-{prec}")
     numbers["n_inputs"] = n
     numbers["reference"] = "torch (the exported nn.Module, fp32 on CPU)"
     numbers["backend"] = backend.name
@@ -307,6 +309,28 @@ def _validate(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, stage
         numbers["runtimes"] = runtimes
         numbers["verified_runtimes"] = [backend.name, *(k for k, v in runtimes.items() if v.get("verified"))]
     return numbers
+
+
+def _check_dynamic_hw(backend: Any, plan: ExportPlan, data: ExportData, what: str) -> dict[str, Any]:
+    """Run the staged graph once at a size 64 px larger on each axis than the export size: an artifact that
+    declares dynamic H/W must take it (a ViT's positional table traced as a constant does not, and a bench
+    or device would find out only at that size). Raises ExportError naming the cause."""
+    x = {m: np.ascontiguousarray(np.random.default_rng(0).random(
+        (1, 1, v.shape[2] + 64, v.shape[3] + 64), dtype=np.float32)) for m, v in data.val.items()}
+    h, w = next(iter(x.values())).shape[2:]
+    h0, w0 = next(iter(data.val.values())).shape[2:]
+    try:
+        out = backend.run(x)[backend.output_names[0]]
+    except Exception as exc:  # noqa: BLE001 - any runtime failure here is the same finding
+        raise ExportError(f"{what} artifact: dynamic_hw was asked for, but the graph runs only at its export size "
+                          f"{h0}x{w0}, not at {h}x{w} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          "a fixed-size part (e.g. a ViT's positional table) was traced as a constant: export "
+                          "without dynamic_hw, once per size with --input-size") from None
+    spatial = tuple(out.shape[1:3] if plan.output_kind == "mask" else out.shape[2:4])
+    if plan.task == "segmentation" and spatial != (h, w):
+        raise ExportError(f"{what} artifact: dynamic_hw was asked for, but at {h}x{w} input the graph returns "
+                          f"{spatial[0]}x{spatial[1]}: it is fixed to its export size {h0}x{w0}")
+    return {"size": [int(h), int(w)], "output_shape": [int(d) for d in out.shape]}
 
 
 def _other_onnx_runtimes(path: Path, done: str, plan: ExportPlan, target: ExportTarget, prec: str,
