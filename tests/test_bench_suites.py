@@ -128,3 +128,18 @@ def test_artifact_bench_is_torch_free(tmp_path):
         """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_an_optional_row_without_artifacts_is_left_out(tmp_path):
+    """duke-dme-fluid's student-fast row is optional: an empty root gives no row for it, while the
+    required student-qat row still says which folder it did not find."""
+    import dataclasses
+
+    suite = dataclasses.replace(load_suite(SUITES / "duke-dme-fluid.toml"), root=str(tmp_path))
+    forms = plan_forms(suite)
+    assert not [f for f in forms if f.model.label == "student-fast"]
+    (qat,) = [f for f in forms if f.model.label == "student-qat"]
+    assert qat.problem == f"no artifact folder matches {tmp_path}/export/student-qat/*"
+    (tmp_path / "export" / "student-fast" / "openvino-int8").mkdir(parents=True)
+    assert [f.source for f in plan_forms(suite) if f.model.label == "student-fast"] == [
+        str(tmp_path / "export" / "student-fast" / "openvino-int8")]

@@ -109,6 +109,7 @@ class ModelSpec:
     tasks: list[str] = field(default_factory=list)      # empty: every task of the suite
     backends: list[str] = field(default_factory=list)   # empty: every backend its forms offer
     evaluate: bool = True         # False: latency-only rows (random weights never evaluate)
+    optional: bool = False        # True: an `artifacts` glob matching nothing gives no row instead of an error row
 
     def __post_init__(self) -> None:
         if not (self.checkpoint or self.registry or self.artifacts or self.factory):
@@ -225,7 +226,7 @@ def plan_forms(suite: BenchSuite, backends: list[str] | None = None, models: lis
             for pattern in m.artifacts:
                 pat = expand(pattern, suite, tname)
                 dirs = _artifact_dirs(pat)
-                if not dirs:
+                if not dirs and not m.optional:
                     forms.append(Form(m, "artifact", pat, task, problem=f"no artifact folder matches {pat}"))
                 forms.extend(Form(m, "artifact", d, task, backend=b) for d in dirs for b in runtimes)
             forms.extend(Form(m, "export", t, task) for t in m.export)
