@@ -324,6 +324,8 @@ def test_dynamic_hw_is_checked_at_another_size(tmp_path):
     with torch.no_grad():
         ref = cnn.forward_mask(torch.from_numpy(x), 4)
     assert mask.shape == (1, big, 2 * SIZE) and float((torch.from_numpy(mask).long() == ref).float().mean()) > 0.999
+    with pytest.raises(ValueError, match="dynamic_hw cannot be used with tensorrt"):
+        target(formats=["tensorrt"], dynamic_hw=True)
     with pytest.raises(ExportError, match=f"runs only at its export size {SIZE}x{SIZE}, not at {big}x{big}"):
         export_model(mirage_seg(), tmp_path / "vit", target(formats=["onnx"], precisions=["fp32"], dynamic_hw=True,
                                                             validation={"n_inputs": 4}))

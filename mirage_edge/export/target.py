@@ -169,6 +169,9 @@ class ExportTarget:
             raise ValueError(f"seg_mask_stride must be >= 1, got {self.seg_mask_stride}")
         if self.opset < 17:
             raise ValueError(f"opset must be >= 17, got {self.opset}")
+        if self.dynamic_hw and "tensorrt" in self.formats:
+            raise ValueError("dynamic_hw cannot be used with tensorrt: an engine is built for one H x W "
+                             "(its optimization profile covers the batch axis only); export each size with input_size")
 
     def to_dict(self) -> dict[str, Any]:
         return _config.to_dict(self)
