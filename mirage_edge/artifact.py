@@ -58,6 +58,11 @@ class TensorSpec:
     # Per-input batch range an engine was built for (TensorRT profile) or [1, N] limits; optional.
     batch_range: list[int] = field(default_factory=list)
 
+    @property
+    def dynamic_hw(self) -> bool:
+        """An image input (B x C x H x W) whose H and W are both symbolic (`export --set dynamic_hw=true`)."""
+        return "2" in self.dynamic_axes and "3" in self.dynamic_axes
+
 
 @dataclass
 class QuantizationInfo:

@@ -178,8 +178,7 @@ class ArtifactRunner(Runner):
         W (`export --set dynamic_hw=true`): such an artifact is timed at the suite's sizes like a
         checkpoint, so a student trained at the B-scan's aspect is timed at the reference's 512 x 512
         from the very file it ships in (accuracy is still taken at its preprocessing size)."""
-        axes = self.meta.inputs[0].dynamic_axes
-        if "2" in axes and "3" in axes:
+        if self.meta.inputs[0].dynamic_hw:
             return (None, None, None)
         h, w = self.preprocess_spec().size
         return (None, int(h), int(w))

@@ -35,7 +35,7 @@ class Predictor:
         self.engine = backend
         self.specs = {name: PreprocessSpec.from_dict(meta.preprocessing[name], source=f"{artifact_dir} metadata")
                       for name in meta.input_names}
-        self._dynamic_hw = {t.name: "2" in t.dynamic_axes and "3" in t.dynamic_axes for t in meta.inputs}
+        self._dynamic_hw = {t.name for t in meta.inputs if t.dynamic_hw}  # these take any H x W in `run`
         missing = [n for n in meta.input_names if n not in backend.input_names]
         if missing:
             from mirage_edge.errors import ArtifactError
@@ -125,7 +125,7 @@ class Predictor:
             raise InputError(f"wrong modality set: got {sorted(feeds)}, this artifact takes {names}")
         for n, x in feeds.items():
             exp = (1, *self.specs[n].size)
-            if isinstance(x, np.ndarray) and x.ndim == 4 and self._dynamic_hw.get(n):
+            if isinstance(x, np.ndarray) and x.ndim == 4 and n in self._dynamic_hw:
                 exp = (1, *x.shape[2:])  # a graph exported with dynamic H and W takes any size
             if not isinstance(x, np.ndarray) or x.ndim != 4 or tuple(x.shape[1:]) != exp:
                 shape = getattr(x, "shape", type(x).__name__)
