@@ -60,7 +60,7 @@ def toy_loss(model, batch):
 
 
 def make_trainer(run_dir, *, batch_size=8, epochs=3, checkpoint_every=0, grad_accum=1, max_steps=0,
-                 evaluate=None, patience=0, dropout=True, patience_start_epoch=0):
+                 evaluate=None, patience=0, dropout=True, patience_start_epoch=0, min_delta=0.0):
     from mirage_edge.train.config import LoopConfig
     from mirage_edge.train.engine import Trainer
     from mirage_edge.train.optim import CosineSchedule, build_adamw
@@ -71,7 +71,7 @@ def make_trainer(run_dir, *, batch_size=8, epochs=3, checkpoint_every=0, grad_ac
         model.drop.p = 0.0
     loop = LoopConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, log_every=2, seed=3,
                       checkpoint_every=checkpoint_every, keep_checkpoints=10, max_steps=max_steps,
-                      progress=False, clip_grad=1.0, patience=patience, min_delta=0.0,
+                      progress=False, clip_grad=1.0, patience=patience, min_delta=min_delta,
                       patience_start_epoch=patience_start_epoch)
     opt = build_adamw(model, lr=3e-2, weight_decay=0.05, layer_decay=0.8)
     data = ToySet()
@@ -223,6 +223,23 @@ def test_patience_counts_only_after_patience_start_epoch(tmp_path):
     assert late.best_metric == 1.0 and late.best_step == 6
     with pytest.raises(ValueError, match="patience_start_epoch"):
         LoopConfig(patience_start_epoch=-1)
+
+
+def test_best_follows_small_improvements_while_patience_wants_min_delta(tmp_path):
+    """A reconstruction loss of ~0.01 improves in steps smaller than min_delta: best/ must still move
+    to the lowest value (it stayed at the first one within 0.001 before), while patience counts
+    evaluations that do not beat the last reset by min_delta."""
+    values = [0.0100, 0.0103, 0.0106, 0.0109, 0.0112]  # every epoch a little better, never by 0.001
+
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        return {"neg_mse": values[len(calls) - 1]}
+
+    res = make_trainer(tmp_path / "run", epochs=5, evaluate=evaluate, patience=3, min_delta=0.001).fit()
+    assert res.stopped_early and res.epochs_done == 4  # epochs 2-4 are not 0.001 above 0.0100
+    assert res.best_metric == 0.0109 and res.best_step == 24  # the last evaluated, not the first
 
 
 # ---------------------------------------------------------------------------- subprocesses

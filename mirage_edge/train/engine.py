@@ -212,8 +212,8 @@ class Trainer:
         full = self.steps_per_epoch * loop.epochs
         self.total_steps = min(full, loop.max_steps) if loop.max_steps else full
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples": 0,
-                                      "best": None, "best_step": None, "bad_evals": 0, "history": [],
-                                      "stopped_early": False}
+                                      "best": None, "best_step": None, "patience_ref": None, "bad_evals": 0,
+                                      "history": [], "stopped_early": False}
         self.logger = MetricLogger(self.run_dir, enabled=self.info.is_main, tensorboard=loop.tensorboard)
 
     # ------------------------------------------------------------------ checkpoints
@@ -254,16 +254,15 @@ class Trainer:
                     "stopped_early"):
             if key in st:
                 self.state[key] = st[key]
+        self.state["patience_ref"] = st.get("patience_ref", self.state["best"])  # checkpoints from before it
         self.logger.info(f"resumed from {path} at step {self.state['step']} (epoch {self.state['epoch']})")
 
     # ------------------------------------------------------------------ loop
 
-    def _better(self, value: float) -> bool:
-        best = self.state["best"]
-        if best is None:
+    def _better(self, value: float, than: float | None, delta: float = 0.0) -> bool:
+        if than is None:
             return True
-        delta = self.loop.min_delta
-        return value > best + delta if self.mode == "max" else value < best - delta
+        return value > than + delta if self.mode == "max" else value < than - delta
 
     def _run_eval(self) -> dict[str, float]:
         if self.evaluate is None:
@@ -431,9 +430,13 @@ class Trainer:
         if self.monitor not in metrics:
             raise MirageEdgeError(f"monitor metric {self.monitor!r} not among evaluation metrics {sorted(metrics)}")
         value = float(metrics[self.monitor])
-        if self._better(value):
-            st["best"], st["best_step"], st["bad_evals"] = value, st["step"], 0
+        # best/ follows every improvement; only patience asks for more than min_delta, measured from the
+        # last value that reset it (so a reconstruction loss of 0.01 is not frozen by a 0.001 step)
+        if self._better(value, st["best"]):
+            st["best"], st["best_step"] = value, st["step"]
             self.save(self.best_dir)
+        if self._better(value, st["patience_ref"], self.loop.min_delta):
+            st["patience_ref"], st["bad_evals"] = value, 0
         elif epochs_done > self.loop.patience_start_epoch:
             # official MIRAGE EarlyStopping: `epoch >= start_from` with 0-based epochs
             st["bad_evals"] += 1
