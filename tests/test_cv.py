@@ -217,6 +217,74 @@ def test_fold_interrupted_after_its_teacher_reuses_it(seg_set, teacher_toml, tmp
     assert rec["folds"][0]["seconds"]["teacher"] == json.loads((fold / "teacher.json").read_text())["seconds"]
 
 
+PRETRAIN_TOML = """
+[model]
+name = "mirage-tiny"
+overrides = { input_size = 64, dim_tokens = 32, depth = 1, num_heads = 2, patch_size = { bscan = [8, 8], slo = [8, 8], bscanlayermap = [2, 2] } }
+[data]
+modalities = ["bscan"]
+[masking]
+num_encoded_tokens = 16
+[loop]
+epochs = 2
+batch_size = 2
+threads = 2
+progress = false
+log_every = 1
+"""
+
+
+def test_pretrain_stage_reads_the_folds_train_and_val_and_starts_the_teacher(seg_set, teacher_toml, tmp_path,
+                                                                              monkeypatch):
+    """--pretrain-config: each fold pretrains on its own train B-scans (val for the loss, test never
+    opened), the teacher is fine-tuned from that fold's pretrain/best, the stage's seconds count in the
+    fold's total, and a rerun reuses it."""
+    import mirage_edge.data as D
+    import mirage_edge.train.finetune as FT
+    from mirage_edge.bench.cv import run as cvrun
+    from mirage_edge.bench.cv.run import CVSpec, run_cv
+
+    conf = tmp_path / "pretrain.toml"
+    conf.write_text(PRETRAIN_TOML)
+    splits, starts = [], []
+    real_folder, real_finetune = D.MultimodalFolder, FT.run_finetune
+
+    def folder(root, split=None, **kw):
+        splits.append(split)
+        return real_folder(root, split=split, **kw)
+
+    def finetune(cfg, **kw):
+        starts.append(cfg.model.checkpoint)
+        return real_finetune(cfg, **kw)
+
+    monkeypatch.setattr(D, "MultimodalFolder", folder)
+    monkeypatch.setattr(FT, "run_finetune", finetune)
+    spec = CVSpec(data=str(seg_set), out=str(tmp_path / "cv"), teacher_config=str(teacher_toml), folds=3, only=(2,),
+                  recipe="tiny-demo", student="student-tiny", distill_sets=tuple(DISTILL_SETS),
+                  pretrain_config=str(conf), pretrain_sets=("loop.seed=1",))
+    rec = run_cv(spec, log=lambda m: None)
+    fold = tmp_path / "cv" / "fold2"
+    info = json.loads((fold / "pretrain.json").read_text())
+    assert sorted(splits) == ["train", "val"]
+    assert starts == [str(fold / "pretrain" / "best")] and Path(info["best"]) == fold / "pretrain" / "best"
+    r = rec["folds"][0]
+    assert r["seconds"]["pretrain"] == info["seconds"]
+    assert r["seconds"]["total"] == pytest.approx(info["seconds"] + r["seconds"]["teacher"] + r["seconds"]["distill"])
+    plan = json.loads((tmp_path / "cv" / "plan.json").read_text())["settings"]
+    assert plan["pretrain"]["masking"]["num_encoded_tokens"] == 16 and plan["pretrain_sets"] == ["loop.seed=1"]
+    assert "checkpoint" not in plan["teacher"]["model"]  # each fold's own path, not a setting
+    # a fold interrupted after pretraining reuses it
+    (fold / "result.json").unlink()
+    (fold / "teacher.json").unlink()
+    monkeypatch.setattr(cvrun, "_distill", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr("mirage_edge.train.pretrain.run_pretrain", lambda *a, **k: pytest.fail("pretrained again"))
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(spec, log=lambda m: None)
+    assert starts[-1] == str(fold / "pretrain" / "best")
+    err = one_line_error(*_cv_args(seg_set, teacher_toml, tmp_path / "o", "--pretrain-config", str(tmp_path / "x.toml")))
+    assert "--pretrain-config" in err and "no such file" in err
+
+
 def test_dry_run_prints_the_folds_and_writes_nothing(seg_set, teacher_toml, tmp_path):
     from click.testing import CliRunner
 

@@ -14,6 +14,9 @@ def _command_line(params: dict) -> str:
     args = ["mirage-edge", "cv", "--data", params["data"], "--folds", str(params["folds"])]
     for k in params["only"]:
         args += ["--fold", str(k)]
+    if params["pretrain_config"]:
+        args += ["--pretrain-config", params["pretrain_config"]]
+        args += [a for s in params["pretrain_sets"] for a in ("--pretrain-set", s)]
     args += ["--teacher-config", params["teacher_config"]]
     args += [a for s in params["teacher_sets"] for a in ("--teacher-set", s)]
     for flag, key in (("--recipe", "recipe"), ("--student", "student"), ("--device", "device")):
@@ -35,6 +38,11 @@ def _command_line(params: dict) -> str:
               help="Number of folds: subjects are cut into this many groups (at least 2 subjects each).")
 @click.option("--fold", "only", multiple=True, type=int, metavar="K",
               help="Run only fold K (0-based; repeatable); the report covers every finished fold.")
+@click.option("--pretrain-config", default=None, metavar="TOML",
+              help="`mirage-edge train pretrain` config run in every fold on that fold's train B-scans before "
+                   "the teacher, which then starts from it (e.g. train/configs/pretrain_duke_cpu.toml).")
+@click.option("--pretrain-set", "pretrain_sets", multiple=True, metavar="KEY=VALUE",
+              help="Override of the pretrain config (repeatable), e.g. loop.epochs=50.")
 @click.option("--teacher-config", required=True, metavar="TOML",
               help="`mirage-edge train finetune` config of the teacher "
                    "(e.g. train/configs/finetune_duke_tiny_cpu.toml).")
@@ -54,7 +62,8 @@ def _command_line(params: dict) -> str:
               help="Also write cv.json and README.md here (no checkpoints), e.g. benchmarks/results/NAME.")
 @click.option("--note", "notes", multiple=True, metavar="TEXT", help="A line for README.md's Notes (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the folds (subjects of each split) and exit; nothing is written.")
-def cv_cmd(data: str, folds: int, only: tuple[int, ...], teacher_config: str, teacher_sets: tuple[str, ...],
+def cv_cmd(data: str, folds: int, only: tuple[int, ...], pretrain_config: str | None,
+           pretrain_sets: tuple[str, ...], teacher_config: str, teacher_sets: tuple[str, ...],
            recipe: str | None, student: str | None, baseline: bool, distill_sets: tuple[str, ...],
            device: str | None, out: str, report_dir: str | None, notes: tuple[str, ...], dry_run: bool) -> None:
     """Subject-wise k-fold cross-validation of teacher fine-tuning + distillation.
@@ -62,7 +71,8 @@ def cv_cmd(data: str, folds: int, only: tuple[int, ...], teacher_config: str, te
     Every B-scan of DATA is grouped by subject (the file stem before its last '_': subject07_annot03 ->
     subject07); subjects in natural order are cut into FOLDS contiguous groups. Fold k tests group k,
     validates on group k-1 and trains on the rest, so every subject is tested once. Per fold: the
-    teacher is fine-tuned (best checkpoint on val, as `mirage-edge train finetune`), then distilled into
+    teacher is fine-tuned (with --pretrain-config: from an encoder first pretrained by masked
+    autoencoding on the fold's own train B-scans; best checkpoint on val, as `mirage-edge train finetune`), then distilled into
     the student beside its labels-only twin (as `mirage-edge distill --baseline`); each run evaluates the
     fold's test subjects once at its end. OUT/cv.json and OUT/README.md hold one row per fold plus mean
     ± std over folds, per-subject Dice, hardware, command, commit and wall time. A fold whose
@@ -80,6 +90,7 @@ def cv_cmd(data: str, folds: int, only: tuple[int, ...], teacher_config: str, te
 
     params = click.get_current_context().params
     spec = CVSpec(data=data, out=out, teacher_config=teacher_config, folds=folds, only=tuple(only),
+                  pretrain_config=pretrain_config, pretrain_sets=tuple(pretrain_sets),
                   teacher_sets=tuple(teacher_sets), recipe=recipe, student=student, baseline=baseline,
                   distill_sets=tuple(distill_sets), device=device, report_dir=report_dir, notes=tuple(notes),
                   command=_command_line(params))

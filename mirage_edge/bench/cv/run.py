@@ -6,6 +6,9 @@ Per fold k (subjects: `mirage_edge.bench.cv.folds`)::
     OUT/plan.json             the folds and the resolved settings (a resumed run must match them)
     OUT/fold<k>/fold.json     the fold's subjects and B-scan counts per split
     OUT/fold<k>/data/         the fold's RetinaBench folder: links to the original files
+    OUT/fold<k>/pretrain/     with --pretrain-config: `mirage-edge train pretrain` on the fold's train
+                              B-scans (val/ for its loss; test/ never read); the teacher starts from its best/
+    OUT/fold<k>/pretrain.json written when pretraining is done: its best checkpoint and wall seconds
     OUT/fold<k>/teacher/      `mirage-edge train finetune` run (best/ chosen on val, test_metrics.json)
     OUT/fold<k>/teacher.json  written when the teacher is done: its test metrics and wall seconds
     OUT/fold<k>/distill/      `mirage-edge distill` run (report.json: test of teacher, student, twin)
@@ -44,6 +47,7 @@ Log = Callable[[str], None]
 
 # settings that may differ when a CV is resumed: paths of this fold and how fast it runs, not what it computes
 _TEACHER_FREE = ("out_dir", "data", "loop.threads", "loop.progress", "loop.log_every", "loop.num_workers")
+_PRETRAIN_FREE = ("out_dir", "data.dir", "loop.threads", "loop.progress", "loop.log_every", "loop.num_workers")
 _RECIPE_FREE = ("out", "data.path", "teacher.model", "cache", "run.threads", "run.progress", "run.log_every")
 
 
@@ -55,6 +59,8 @@ class CVSpec:
     out: str
     teacher_config: str
     folds: int = 5
+    pretrain_config: str | None = None     # `mirage-edge train pretrain` config run per fold before the teacher
+    pretrain_sets: tuple[str, ...] = ()
     only: tuple[int, ...] = ()              # run only these folds (all when empty)
     teacher_sets: tuple[str, ...] = ()      # key=value overrides of the fine-tune config
     recipe: str | None = None               # distill recipe name or path (None: the recipe defaults)
@@ -68,9 +74,25 @@ class CVSpec:
 
 
 # ------------------------------------------------------------------------------------- configs
+def pretrain_config(spec: CVSpec, data: str | Path, out_dir: str | Path) -> Any:
+    """The `PretrainConfig` `mirage-edge train pretrain --config ... --data DATA --out OUT [--device ...]
+    OVERRIDES` builds, or None without --pretrain-config."""
+    from mirage_edge.train.config import PretrainConfig
+
+    if not spec.pretrain_config:
+        return None
+    path = Path(spec.pretrain_config)
+    if not path.is_file():
+        raise ConfigError(f"--pretrain-config {path}: no such file (a `mirage-edge train pretrain` TOML, e.g. "
+                          "train/configs/pretrain_duke_cpu.toml)")
+    return C.load(PretrainConfig, path, spec.pretrain_sets, sets={
+        "data.dir": str(data), "out_dir": str(out_dir), "loop.device": spec.device})
+
+
 def teacher_config(spec: CVSpec, data: str | Path, out_dir: str | Path) -> Any:
     """The `FinetuneConfig` `mirage-edge train finetune --config ... --task seg --data DATA --out OUT
-    [--device ...] OVERRIDES` builds (train.config.finetune_base, then file, flags, overrides)."""
+    [--device ...] OVERRIDES` builds (train.config.finetune_base, then file, flags, overrides). With
+    --pretrain-config the teacher starts from the fold's pretrained encoder (OUT/../pretrain/best)."""
     from mirage_edge.train.config import FinetuneConfig, finetune_base
 
     path = Path(spec.teacher_config)
@@ -81,8 +103,10 @@ def teacher_config(spec: CVSpec, data: str | Path, out_dir: str | Path) -> Any:
     if task not in (None, "seg"):
         raise ConfigError(f"--teacher-config {path} fine-tunes task {task!r}; cross-validation runs on "
                           "segmentation sets (task = \"seg\")")
+    pretrained = str(Path(out_dir).parent / "pretrain" / "best") if spec.pretrain_config else None
     return C.load(FinetuneConfig, path, spec.teacher_sets, base=finetune_base("seg"), sets={
-        "task": "seg", "data": str(data), "out_dir": str(out_dir), "loop.device": spec.device})
+        "task": "seg", "data": str(data), "out_dir": str(out_dir), "loop.device": spec.device,
+        "model.checkpoint": pretrained})
 
 
 def distill_recipe(spec: CVSpec, data: str | Path, teacher: str | Path, out_dir: str | Path,
@@ -118,12 +142,19 @@ def resolved_settings(spec: CVSpec, out: Path) -> tuple[dict[str, Any], dict[str
     teacher config and recipe, with the fold's own paths and the speed-only settings left out (what a
     resumed run must match) - and the threads of each stage (0 = torch's default)."""
     tcfg = teacher_config(spec, out / "fold0" / "data", out / "fold0" / "teacher")
+    pcfg = pretrain_config(spec, out / "fold0" / "data", out / "fold0" / "pretrain")
     rec = distill_recipe(spec, out / "fold0" / "data", out / "fold0" / "teacher" / "best", out / "fold0" / "distill",
                          out / "cache")
     threads = {"teacher": int(tcfg.loop.threads or 0), "distill": int(rec.run.threads or 0)}
-    return {"teacher_config": str(spec.teacher_config), "teacher_sets": list(spec.teacher_sets),
+    pretrain: dict[str, Any] = {}
+    if pcfg is not None:
+        threads = {"pretrain": int(pcfg.loop.threads or 0), **threads}
+        pretrain = {"pretrain_config": str(spec.pretrain_config), "pretrain_sets": list(spec.pretrain_sets),
+                    "pretrain": _drop(C.to_dict(pcfg), _PRETRAIN_FREE)}
+    teacher_free = _TEACHER_FREE + (("model.checkpoint",) if pcfg is not None else ())
+    return {**pretrain, "teacher_config": str(spec.teacher_config), "teacher_sets": list(spec.teacher_sets),
             "recipe": spec.recipe, "student": rec.student.name, "baseline": spec.baseline,
-            "distill_sets": list(spec.distill_sets), "teacher": _drop(C.to_dict(tcfg), _TEACHER_FREE),
+            "distill_sets": list(spec.distill_sets), "teacher": _drop(C.to_dict(tcfg), teacher_free),
             "distill": _drop(rec.to_dict(), _RECIPE_FREE)}, threads
 
 
@@ -169,6 +200,36 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- one fold
+def _pretrain(spec: CVSpec, fdir: Path, log: Log) -> dict[str, Any] | None:
+    """Pretrain (or reuse) the fold's encoder on its own train B-scans; returns pretrain.json's content
+    (None without --pretrain-config)."""
+    marker = fdir / "pretrain.json"
+    if not spec.pretrain_config:
+        return None
+    if marker.is_file():
+        return _read_json(marker)
+    from mirage_edge._io import output_errors
+    from mirage_edge.train.checkpoint import latest_checkpoint
+    from mirage_edge.train.pretrain import run_pretrain
+
+    run_dir = fdir / "pretrain"
+    cfg = pretrain_config(spec, fdir / "data", run_dir)
+    resumed = latest_checkpoint(run_dir / "checkpoints") is not None
+    if run_dir.exists() and not resumed:
+        shutil.rmtree(run_dir)
+    log(f"  pretrain: {cfg.model.name} on {', '.join(cfg.data.modalities)} ({cfg.loop.epochs} epochs) -> {run_dir}"
+        + (" (resuming)" if resumed else ""))
+    t0 = time.perf_counter()
+    with output_errors(run_dir):
+        fit = run_pretrain(cfg, resume="auto" if resumed else None)
+    if fit.best_dir is None:
+        raise ConfigError(f"the pretraining of {fdir.name} saved no best checkpoint: its data needs a val/ split")
+    info = {"dir": str(run_dir), "best": str(fit.best_dir), "best_step": fit.best_step,
+            "best_val_loss": fit.best_metric, "seconds": time.perf_counter() - t0, "resumed": resumed}
+    atomic_write_text(marker, json.dumps(info, indent=1, default=float))
+    return info
+
+
 def _teacher(spec: CVSpec, fdir: Path, log: Log) -> tuple[dict[str, Any], bool]:
     """Fine-tune (or reuse) the fold's teacher; returns (teacher.json content, resumed)."""
     marker = fdir / "teacher.json"
@@ -233,10 +294,14 @@ def run_fold(spec: CVSpec, fold: F.Fold, subjects: dict[str, list[Any]], info_js
         built = F.build_fold_data(fold, subjects, info_json, fdir / "data")
         atomic_write_text(fdir / "fold.json", meta)
         log(f"  data: {built['images']} B-scans ({built['links']}s) in {built['dir']}")
+    pretrain = _pretrain(spec, fdir, log)
     teacher, t_resumed = _teacher(spec, fdir, log)
     report, d_seconds, d_resumed = _distill(spec, fdir, teacher, out / "cache", log)
     seconds = {"teacher": float(teacher["seconds"]), "distill": d_seconds,
                "total": float(teacher["seconds"]) + d_seconds}
+    if pretrain is not None:
+        seconds = {"pretrain": float(pretrain["seconds"]), **seconds,
+                   "total": seconds["total"] + float(pretrain["seconds"])}
     result = R.fold_result(json.loads(meta), teacher, report, seconds, t_resumed or d_resumed)
     result["report"] = str(fdir / "distill" / "report.json")
     result["commit"] = commit
@@ -318,5 +383,5 @@ def run_cv(spec: CVSpec, log: Log | None = None, dry_run: bool = False) -> dict[
     return rec
 
 
-__all__ = ["CVSpec", "run_cv", "run_fold", "teacher_config", "distill_recipe", "resolved_settings", "git_commit",
+__all__ = ["CVSpec", "run_cv", "run_fold", "pretrain_config", "teacher_config", "distill_recipe", "resolved_settings", "git_commit",
            "write_reports"]
