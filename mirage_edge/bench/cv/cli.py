@@ -72,7 +72,8 @@ def cv_cmd(data: str, folds: int, only: tuple[int, ...], pretrain_config: str | 
     subject07); subjects in natural order are cut into FOLDS contiguous groups. Fold k tests group k,
     validates on group k-1 and trains on the rest, so every subject is tested once. Per fold: the
     teacher is fine-tuned (with --pretrain-config: from an encoder first pretrained by masked
-    autoencoding on the fold's own train B-scans; best checkpoint on val, as `mirage-edge train finetune`), then distilled into
+    autoencoding on the fold's own train B-scans; best checkpoint on val, as `mirage-edge train
+    finetune`), then distilled into
     the student beside its labels-only twin (as `mirage-edge distill --baseline`); each run evaluates the
     fold's test subjects once at its end. OUT/cv.json and OUT/README.md hold one row per fold plus mean
     ± std over folds, per-subject Dice, hardware, command, commit and wall time. A fold whose

@@ -217,13 +217,15 @@ def _pretrain(spec: CVSpec, fdir: Path, log: Log) -> dict[str, Any] | None:
     resumed = latest_checkpoint(run_dir / "checkpoints") is not None
     if run_dir.exists() and not resumed:
         shutil.rmtree(run_dir)
-    log(f"  pretrain: {cfg.model.name} on {', '.join(cfg.data.modalities)} ({cfg.loop.epochs} epochs) -> {run_dir}"
+    log(f"  pretrain: {cfg.model.name} on {', '.join(cfg.data.modalities)} ({cfg.loop.epochs} epochs) "
+        f"-> {run_dir}"
         + (" (resuming)" if resumed else ""))
     t0 = time.perf_counter()
     with output_errors(run_dir):
         fit = run_pretrain(cfg, resume="auto" if resumed else None)
     if fit.best_dir is None:
-        raise ConfigError(f"the pretraining of {fdir.name} saved no best checkpoint: its data needs a val/ split")
+        raise ConfigError(f"the pretraining of {fdir.name} saved no best checkpoint: its data needs a "
+                          "val/ split")
     info = {"dir": str(run_dir), "best": str(fit.best_dir), "best_step": fit.best_step,
             "best_val_loss": fit.best_metric, "seconds": time.perf_counter() - t0, "resumed": resumed}
     atomic_write_text(marker, json.dumps(info, indent=1, default=float))
@@ -383,5 +385,6 @@ def run_cv(spec: CVSpec, log: Log | None = None, dry_run: bool = False) -> dict[
     return rec
 
 
-__all__ = ["CVSpec", "run_cv", "run_fold", "pretrain_config", "teacher_config", "distill_recipe", "resolved_settings", "git_commit",
+__all__ = ["CVSpec", "run_cv", "run_fold", "pretrain_config", "teacher_config", "distill_recipe", "resolved_settings",
+           "git_commit",
            "write_reports"]
