@@ -385,6 +385,5 @@ def run_cv(spec: CVSpec, log: Log | None = None, dry_run: bool = False) -> dict[
     return rec
 
 
-__all__ = ["CVSpec", "run_cv", "run_fold", "pretrain_config", "teacher_config", "distill_recipe", "resolved_settings",
-           "git_commit",
-           "write_reports"]
+__all__ = ["CVSpec", "run_cv", "run_fold", "pretrain_config", "teacher_config", "distill_recipe",
+           "resolved_settings", "git_commit", "write_reports"]
