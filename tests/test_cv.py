@@ -212,9 +212,23 @@ def test_fold_interrupted_after_its_teacher_reuses_it(seg_set, teacher_toml, tmp
     assert (fold / "teacher.json").is_file() and not (fold / "result.json").exists()
     monkeypatch.undo()
     monkeypatch.setattr("mirage_edge.train.finetune.run_finetune", lambda *a, **k: pytest.fail("teacher retrained"))
+    real = cvrun.run_fold
+
+    def and_another_process_finishes_fold0(spec, f, *a, **k):
+        # `mirage-edge cv --fold 0` on the same --out, finishing while this process runs fold 2
+        r = real(spec, f, *a, **k)
+        other = {**r, "fold": 0, "test": ["subject01", "subject02"],
+                 "per_subject": {m: {f"subject0{i}": v for i, v in zip((1, 2), d.values())}
+                                 for m, d in r["per_subject"].items()}}
+        (fold.parent / "fold0").mkdir()
+        (fold.parent / "fold0" / "result.json").write_text(json.dumps(other))
+        return r
+
+    monkeypatch.setattr(cvrun, "run_fold", and_another_process_finishes_fold0)
     rec = run_cv(spec, log=lambda m: None)
-    assert rec["folds_done"] == [2] and (fold / "result.json").is_file()
-    assert rec["folds"][0]["seconds"]["teacher"] == json.loads((fold / "teacher.json").read_text())["seconds"]
+    assert rec["folds_done"] == [0, 2] and (fold / "result.json").is_file()  # the table has both
+    assert json.loads((fold.parent / "cv.json").read_text())["folds_done"] == [0, 2]
+    assert rec["folds"][1]["seconds"]["teacher"] == json.loads((fold / "teacher.json").read_text())["seconds"]
 
 
 PRETRAIN_TOML = """

@@ -353,17 +353,25 @@ def run_cv(spec: CVSpec, log: Log | None = None, dry_run: bool = False) -> dict[
     commit = git_commit()
     info_json = Path(spec.data) / "INFO.json"
     results: dict[int, dict[str, Any]] = {}
-    for k in range(spec.folds):  # finished folds, also those this invocation does not run
-        path = out / f"fold{k}" / "result.json"
-        if path.is_file():
-            results[k] = _read_json(path)
+
+    def scan() -> None:
+        # finished folds, also those this invocation does not run: another `--fold K` process on the same
+        # --out may have finished one since this one started, so the table is re-read before each write
+        for k in range(spec.folds):
+            path = out / f"fold{k}" / "result.json"
+            if k not in results and path.is_file():
+                results[k] = _read_json(path)
+
+    scan()
 
     def record() -> dict[str, Any]:
-        return R.cv_record(plan=plan, results=list(results.values()), command=spec.command, commit=commit,
-                           hardware=hardware, invocation_seconds=time.perf_counter() - t_start)
+        scan()
+        return R.cv_record(plan=plan, results=[results[k] for k in sorted(results)], command=spec.command,
+                           commit=commit, hardware=hardware, invocation_seconds=time.perf_counter() - t_start)
 
     todo = [f for f in folds if not spec.only or f.index in spec.only]
     for fold in todo:
+        scan()
         head = (f"fold {fold.index} [{fold.index + 1}/{spec.folds}]: test {', '.join(fold.test)}; "
                 f"val {', '.join(fold.val)}; train {len(fold.train)} subjects")
         if fold.index in results:
