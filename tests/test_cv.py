@@ -253,9 +253,12 @@ def test_pretrain_stage_reads_the_folds_train_and_val_and_starts_the_teacher(seg
     """--pretrain-config: each fold pretrains on its own train B-scans (val for the loss, test never
     opened), the teacher is fine-tuned from that fold's pretrain/best, the stage's seconds count in the
     fold's total, and a rerun reuses it."""
+    from click.testing import CliRunner
+
     import mirage_edge.data as D
     import mirage_edge.train.finetune as FT
     from mirage_edge.bench.cv import run as cvrun
+    from mirage_edge.cli import cli
     from mirage_edge.bench.cv.run import CVSpec, run_cv
 
     conf = tmp_path / "pretrain.toml"
@@ -295,6 +298,10 @@ def test_pretrain_stage_reads_the_folds_train_and_val_and_starts_the_teacher(seg
     with pytest.raises(KeyboardInterrupt):
         run_cv(spec, log=lambda m: None)
     assert starts[-1] == str(fold / "pretrain" / "best")
+    # a teacher config that names one checkpoint for every fold, without per-fold pretraining: said
+    res = CliRunner().invoke(cli, _cv_args(seg_set, teacher_toml, tmp_path / "o", "--dry-run", "--teacher-set",
+                                           f'model.checkpoint="{fold / "pretrain" / "best"}"'))
+    assert res.exit_code == 0 and "every fold's teacher starts from the same checkpoint" in res.output
     err = one_line_error(*_cv_args(seg_set, teacher_toml, tmp_path / "o", "--pretrain-config", str(tmp_path / "x.toml")))
     assert "--pretrain-config" in err and "no such file" in err
 

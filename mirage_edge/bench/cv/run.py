@@ -203,9 +203,9 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
 def _pretrain(spec: CVSpec, fdir: Path, log: Log) -> dict[str, Any] | None:
     """Pretrain (or reuse) the fold's encoder on its own train B-scans; returns pretrain.json's content
     (None without --pretrain-config)."""
-    marker = fdir / "pretrain.json"
     if not spec.pretrain_config:
         return None
+    marker = fdir / "pretrain.json"
     if marker.is_file():
         return _read_json(marker)
     from mirage_edge._io import output_errors
@@ -218,8 +218,7 @@ def _pretrain(spec: CVSpec, fdir: Path, log: Log) -> dict[str, Any] | None:
     if run_dir.exists() and not resumed:
         shutil.rmtree(run_dir)
     log(f"  pretrain: {cfg.model.name} on {', '.join(cfg.data.modalities)} ({cfg.loop.epochs} epochs) "
-        f"-> {run_dir}"
-        + (" (resuming)" if resumed else ""))
+        f"-> {run_dir}" + (" (resuming)" if resumed else ""))
     t0 = time.perf_counter()
     with output_errors(run_dir):
         fit = run_pretrain(cfg, resume="auto" if resumed else None)
@@ -344,6 +343,10 @@ def run_cv(spec: CVSpec, log: Log | None = None, dry_run: bool = False) -> dict[
     plan = {"data": {"path": str(spec.data), "resolved": str(Path(spec.data).resolve()), "subjects": list(subjects),
                      "images": sum(len(v) for v in subjects.values())},
             "folds": spec.folds, "fold_subjects": [f.to_dict() for f in folds], "settings": settings}
+    start = settings["teacher"].get("model", {}).get("checkpoint")
+    if start and not spec.pretrain_config:
+        log(f"note: every fold's teacher starts from the same checkpoint {start}; if it was trained on images of "
+            "this set, each fold's test subjects may be in it (--pretrain-config pretrains per fold instead)")
     if dry_run:
         return plan
     check_output_dir(out, "--out")
