@@ -17,14 +17,17 @@ def _tiny_mirage(size: int = 64):
     return create_model("mirage-tiny", input_size=size, depth=1)
 
 
-def test_skip_head_round_trips_and_official_config_is_unchanged(tmp_path):
+@pytest.mark.parametrize("levels", [1, 3])
+def test_skip_head_round_trips_and_official_config_is_unchanged(tmp_path, levels):
     from mirage_edge.models import create_model, save_model
     from mirage_edge.models.task import segmentation_model
 
     torch.manual_seed(0)
     plain = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1)
     assert "skip_dim" not in plain.head.config  # official head configs stay as they were
-    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4).eval()
+    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=levels).eval()
+    assert ("skip_levels" in m.head.config) == (levels > 1)  # one-level skip heads saved before load as they were
+    assert hasattr(m.head, "skip_down") == (levels > 1)
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         y = m(x)
@@ -47,13 +50,23 @@ def test_skip_head_exports_to_onnx(tmp_path):
     from mirage_edge.models.task import segmentation_model
 
     torch.manual_seed(0)
-    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4).eval()
+    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=2).eval()
     x = torch.rand(1, 1, 64, 64)
     path = tmp_path / "m.onnx"
     torch.onnx.export(m, (x,), str(path), input_names=["image"], output_names=["logits"], dynamo=False)
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
     with torch.no_grad():
         assert abs(out - m(x).numpy()).max() < 1e-4
+
+
+def test_skip_levels_need_a_skip():
+    from mirage_edge.errors import ConfigError
+    from mirage_edge.models.task import segmentation_model
+
+    with pytest.raises(ConfigError, match="skip_levels must be >= 1 and needs skip_dim > 0"):
+        segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_levels=2)
+    with pytest.raises(ConfigError, match="skip_levels"):
+        segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=0)
 
 
 def test_class_weights_weigh_the_cross_entropy():

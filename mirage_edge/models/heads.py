@@ -44,10 +44,15 @@ class ConvNeXtSegHead(nn.Module):
     image skip: two 3x3 convs of `skip_dim` channels on the input image at full resolution, fused with
     the upsampled token features by a 3x3 conv before the classifier. A 16 px token cannot place the
     edge of a 3-pixel fluid pocket; the image can. forward then needs `image` (B x 1 x H x W).
+    `skip_levels` > 1 makes the skip a small U-Net path: `skip_levels - 1` more stages at strides 2, 4,
+    ... (stride-2 3x3 conv + 3x3 conv, channels doubling), fused coarse to fine - the token features
+    enter at the coarsest level, each fusion (3x3 conv) is upsampled into the next finer one. A pocket
+    a few tens of pixels wide is then seen with its surroundings at a resolution tokens do not have.
     """
 
     def __init__(self, in_dim: int, num_classes: int, preds_per_patch: int = 16, class_dim: int = 384,
-                 depth: int = 4, interpolate_mode: str = "bilinear", skip_dim: int = 0) -> None:
+                 depth: int = 4, interpolate_mode: str = "bilinear", skip_dim: int = 0,
+                 skip_levels: int = 1) -> None:
         super().__init__()
         side = math.isqrt(preds_per_patch)
         if side * side != preds_per_patch:
@@ -59,6 +64,11 @@ class ConvNeXtSegHead(nn.Module):
             if int(skip_dim) < 0:
                 raise ConfigError(f"skip_dim must be >= 0, got {skip_dim}")
             self.config["skip_dim"] = int(skip_dim)
+        if int(skip_levels) != 1:
+            if int(skip_levels) < 1 or not skip_dim:
+                raise ConfigError(f"skip_levels must be >= 1 and needs skip_dim > 0, got skip_levels={skip_levels} "
+                                  f"with skip_dim={skip_dim}")
+            self.config["skip_levels"] = int(skip_levels)
         self.num_classes, self.side, self.class_dim = num_classes, side, class_dim
         self.interpolate_mode = interpolate_mode
         self.needs_image = bool(skip_dim)
@@ -66,9 +76,17 @@ class ConvNeXtSegHead(nn.Module):
         self.blocks = nn.ModuleList([ConvNeXtBlock(class_dim) for _ in range(depth)])
         if skip_dim:
             c = int(skip_dim)
+            ch = [c * 2 ** k for k in range(int(skip_levels))]  # level k: stride 2**k
             self.skip = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU())
-            self.fuse_in = nn.Conv2d(class_dim, c, kernel_size=1)
-            self.fuse = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.GELU())
+            if len(ch) > 1:  # only when used, so skip heads saved before load unchanged
+                self.skip_down = nn.ModuleList(
+                    nn.Sequential(nn.Conv2d(ch[k - 1], ch[k], 3, stride=2, padding=1), nn.GELU(),
+                                  nn.Conv2d(ch[k], ch[k], 3, padding=1), nn.GELU()) for k in range(1, len(ch)))
+                self.fuse_up = nn.ModuleList(
+                    nn.Sequential(nn.Conv2d((ch[k + 1] if k + 1 < len(ch) else ch[k]) + ch[k], ch[k], 3, padding=1),
+                                  nn.GELU()) for k in range(1, len(ch)))
+            self.fuse_in = nn.Conv2d(class_dim, ch[-1], kernel_size=1)
+            self.fuse = nn.Sequential(nn.Conv2d((ch[1] if len(ch) > 1 else c) + c, c, 3, padding=1), nn.GELU())
             self.final_layer = nn.Conv2d(c, num_classes, kernel_size=1)
         else:
             self.final_layer = nn.Conv2d(class_dim, num_classes, kernel_size=1)
@@ -89,8 +107,13 @@ class ConvNeXtSegHead(nn.Module):
         if self.needs_image:
             if image is None:
                 raise ConfigError("this segmentation head has an image skip (skip_dim > 0) and needs the image")
-            x = F.interpolate(self.fuse_in(x), size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
-            x = self.fuse(torch.cat([x, self.skip(image.to(x.dtype))], dim=1))
+            skips = [self.skip(image.to(x.dtype))]
+            for down in getattr(self, "skip_down", ()):
+                skips.append(down(skips[-1]))
+            x = self.fuse_in(x)
+            for k in reversed(range(len(skips))):  # coarse to fine; one level is the original image skip
+                x = F.interpolate(x, size=tuple(skips[k].shape[-2:]), mode="bilinear", align_corners=False)
+                x = (self.fuse if k == 0 else self.fuse_up[k - 1])(torch.cat([x, skips[k]], dim=1))
         x = self.final_layer(x)
         if tuple(x.shape[-2:]) == tuple(image_size):
             return x  # resampling to the same size is the identity; in an exported graph it is not free
