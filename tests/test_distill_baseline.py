@@ -116,6 +116,41 @@ def test_twin_needs_no_teacher_sees_the_same_batches_and_gives_the_kd_gain(seg_s
     assert f"validation: distilled {pick['distilled']:.4f}" in res.output
 
 
+def test_the_students_start_does_not_depend_on_the_teachers_architecture(seg_setup, monkeypatch):
+    """The student and its twin start from weights drawn after a re-seed: a teacher with more parameters
+    (whose construction draws more random numbers before its weights load) gives the same start, so
+    the twin of one seed is the same model whichever teacher the run distils."""
+    from click.testing import CliRunner
+
+    from mirage_edge.distill import loop
+    from mirage_edge.distill.cli import distill_cmd
+    from mirage_edge.models import create_model, save_model
+    from mirage_edge.models.task import segmentation_model
+
+    root, data, teacher = seg_setup
+    torch.manual_seed(1)
+    enc = create_model("mirage-tiny", input_size=64, depth=2, in_domains=["bscan"], out_domains=[])
+    save_model(segmentation_model(enc, 9, class_dim=16, depth=2), root / "teacher-deeper")
+    starts = []
+
+    class Stop(Exception):
+        pass
+
+    def first_stage(name, model, *a, **k):
+        starts.append({n: v.clone() for n, v in getattr(model, "encoder", model).state_dict().items()})
+        raise Stop
+
+    monkeypatch.setattr(loop, "run_stage", first_stage)
+    for i, t in enumerate((teacher, root / "teacher-deeper")):
+        args = ["--recipe", "tiny-demo", "--data", str(data), "--teacher", str(t), "--out", str(root / f"start{i}"),
+                f"cache.dir={json.dumps(str(root / 'cache'))}", *FAST]
+        res = CliRunner().invoke(distill_cmd, args)
+        assert isinstance(res.exception, Stop), res.output
+    assert starts[0].keys() == starts[1].keys()
+    for k in starts[0]:
+        assert torch.equal(starts[0][k], starts[1][k]), k
+
+
 def test_twin_is_skipped_without_a_task_head(seg_setup):
     """An encoder-only teacher has no head type to copy: the twin is skipped, said in the log."""
     from mirage_edge.distill import distill

@@ -276,6 +276,9 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
 
     from mirage_edge.models.students import build_student
 
+    # re-seeded here: building the teacher draws from the global RNG as many numbers as its architecture
+    # has parameters, and the student (and its twin) must start alike whatever the teacher is
+    torch.manual_seed(recipe.run.seed)
     init_rng = torch.get_rng_state()  # the labels-only twin starts from the same backbone weights
     student = build_student(recipe.student.name, img_size=recipe.data.hw,
                             input_scale=recipe.student.input_scale)
