@@ -200,6 +200,17 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- one fold
+def _resumable(run_dir: Path) -> bool:
+    """True when a training run folder holds a checkpoint to continue from; a folder stopped before its
+    first checkpoint holds nothing to keep and is removed."""
+    from mirage_edge.train.checkpoint import latest_checkpoint
+
+    resumed = latest_checkpoint(run_dir / "checkpoints") is not None
+    if run_dir.exists() and not resumed:
+        shutil.rmtree(run_dir)
+    return resumed
+
+
 def _pretrain(spec: CVSpec, fdir: Path, log: Log) -> dict[str, Any] | None:
     """Pretrain (or reuse) the fold's encoder on its own train B-scans; returns pretrain.json's content
     (None without --pretrain-config)."""
@@ -209,14 +220,11 @@ def _pretrain(spec: CVSpec, fdir: Path, log: Log) -> dict[str, Any] | None:
     if marker.is_file():
         return _read_json(marker)
     from mirage_edge._io import output_errors
-    from mirage_edge.train.checkpoint import latest_checkpoint
     from mirage_edge.train.pretrain import run_pretrain
 
     run_dir = fdir / "pretrain"
     cfg = pretrain_config(spec, fdir / "data", run_dir)
-    resumed = latest_checkpoint(run_dir / "checkpoints") is not None
-    if run_dir.exists() and not resumed:
-        shutil.rmtree(run_dir)
+    resumed = _resumable(run_dir)
     log(f"  pretrain: {cfg.model.name} on {', '.join(cfg.data.modalities)} ({cfg.loop.epochs} epochs) "
         f"-> {run_dir}" + (" (resuming)" if resumed else ""))
     t0 = time.perf_counter()
@@ -238,14 +246,11 @@ def _teacher(spec: CVSpec, fdir: Path, log: Log) -> tuple[dict[str, Any], bool]:
         info = _read_json(marker)
         return info, bool(info.get("resumed"))
     from mirage_edge._io import output_errors
-    from mirage_edge.train.checkpoint import latest_checkpoint
     from mirage_edge.train.finetune import run_finetune
 
     run_dir = fdir / "teacher"
     cfg = teacher_config(spec, fdir / "data", run_dir)
-    resumed = latest_checkpoint(run_dir / "checkpoints") is not None
-    if run_dir.exists() and not resumed:  # stopped before its first checkpoint: nothing to keep
-        shutil.rmtree(run_dir)
+    resumed = _resumable(run_dir)
     log(f"  teacher: fine-tuning {cfg.model.name} ({cfg.loop.epochs} epochs) -> {run_dir}"
         + (" (resuming)" if resumed else ""))
     t0 = time.perf_counter()
