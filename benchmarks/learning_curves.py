@@ -30,7 +30,9 @@ def read_run(run: Path, metric: str) -> dict:
         elif e.get("event") == "train":
             train.append({"step": e["step"], "loss": round(float(e["loss"]), 5)})
         elif e.get("event") == "summary":
-            summary = {k: e[k] for k in ("seconds", "best", "best_step") if k in e}
+            # each (resumed) segment logs its own seconds; a test-only re-run logs ~0
+            seconds = summary.get("seconds", 0.0) + float(e.get("seconds", 0.0))
+            summary = {**{k: e[k] for k in ("best", "best_step") if k in e}, "seconds": seconds}
     if not evals:
         raise click.ClickException(f"{path} has no eval events with {metric!r}")
     return {"eval": evals, "train": train, "summary": summary, "plateau_gain_points": plateau_gain(evals, metric)}

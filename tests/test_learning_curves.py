@@ -30,6 +30,14 @@ def test_curves_and_plateau(tmp_path):
     doc = json.loads((tmp_path / "out" / "curves.json").read_text())
     run = doc["runs"]["seed0"]
     assert [e["val_dice"] for e in run["eval"]] == vals and run["summary"]["seconds"] == 12.0
+    # a resumed segment and a test-only re-run (`test=true --resume auto`) each log their own summary:
+    # the wall is their sum, not the last one's ~0 s
+    with (a / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "summary", "seconds": 3.0, "best": 0.45, "best_step": 9}) + "\n")
+        f.write(json.dumps({"event": "summary", "seconds": 1e-05, "best": 0.45, "best_step": 9}) + "\n")
+    res = CliRunner().invoke(main, ["--out", str(tmp_path / "out"), f"seed0={a}"])
+    summary = json.loads((tmp_path / "out" / "curves.json").read_text())["runs"]["seed0"]["summary"]
+    assert summary["seconds"] == pytest.approx(15.0) and summary["best_step"] == 9
     assert run["plateau_gain_points"] == pytest.approx(1.0) and (tmp_path / "out" / "curves.png").stat().st_size > 0
     assert plateau_gain([{"val_dice": v} for v in [0.5, 0.4, 0.3, 0.3, 0.3]], "dice") == pytest.approx(-20.0)
     bad = CliRunner().invoke(main, ["--out", str(tmp_path / "o2"), f"x={tmp_path / 'missing'}"])
