@@ -2,11 +2,14 @@
 with missing datasets listed as skipped, and the `mirage-edge bench` command line."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT
 from mirage_edge.bench.record import read_records
+from mirage_edge.bench.report import headline
 from mirage_edge.bench.run import bench
 from mirage_edge.bench.suite import load_suite, plan_forms
 from mirage_edge.cli import cli
@@ -79,7 +82,7 @@ def test_retinabench_missing_datasets_are_skipped_rows(tmp_path, real_data):
 
 
 def test_bench_cli(tmp_path):
-    make_onnx_artifact(tmp_path / "a" / "onnx-fp32")
+    make_onnx_artifact(tmp_path / "a" / "onnx-fp32", teacher="mirage-tiny")
     make_onnx_artifact(tmp_path / "b", corrupt=True)
     from test_bench_toys import make_seg_set
 
@@ -94,6 +97,9 @@ def test_bench_cli(tmp_path):
     recs = read_records(out / "records.csv")
     by = {r.model: r for r in recs if r.model in ("a/onnx-fp32", f"{tmp_path.name}/b")}
     assert by["a/onnx-fp32"].status == "ok" and by["a/onnx-fp32"].dice is not None
+    # its metadata names a teacher: a distilled student, so the headline's student artifact
+    assert by["a/onnx-fp32"].role == "student" and by[f"{tmp_path.name}/b"].role == "candidate"
+    assert headline(recs)["layers"]["student_artifact"].model == "a/onnx-fp32"
     assert by[f"{tmp_path.name}/b"].status == "error" and "checksum mismatch" in by[f"{tmp_path.name}/b"].error
     assert any(r.model == "teacher" and r.status == "error" for r in recs)  # no demo output under --root
     assert "report:" in result.output and (out / "report.md").is_file()
@@ -143,3 +149,24 @@ def test_an_optional_row_without_artifacts_is_left_out(tmp_path):
     (tmp_path / "export" / "student-fast" / "openvino-int8").mkdir(parents=True)
     assert [f.source for f in plan_forms(suite) if f.model.label == "student-fast"] == [
         str(tmp_path / "export" / "student-fast" / "openvino-int8")]
+
+
+def test_adhoc_roles(tmp_path):
+    """--checkpoint / --artifact folders take their role from what their metadata says they are."""
+    from mirage_edge.bench.run import adhoc_role
+
+    assert adhoc_role(make_onnx_artifact(tmp_path / "s" / "onnx-fp32", teacher="t"), artifact=True) == "student"
+    assert adhoc_role(make_onnx_artifact(tmp_path / "c" / "onnx-fp32"), artifact=True) == "candidate"
+    assert adhoc_role(tmp_path / "missing", artifact=True) == "candidate"
+    for name, meta, role in [("student", {"teacher": {"name": "t"}}, "student"),
+                             ("baseline", {"teacher": None, "labels_only": True}, "baseline"),
+                             ("teacher", {"model_name": "mirage-tiny"}, "candidate")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"meta": meta}))
+        assert adhoc_role(tmp_path / name) == role, name
+    (tmp_path / "qat").mkdir()
+    (tmp_path / "qat" / "qat.json").write_text(json.dumps({"meta": {"teacher": "t"}}))
+    assert adhoc_role(tmp_path / "qat") == "student"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert adhoc_role(tmp_path / "bad") == "candidate"

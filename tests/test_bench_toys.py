@@ -88,14 +88,16 @@ def make_seg_set(root: Path, n_test: int = 6, size: int = 48, seed: int = 0) -> 
     return root
 
 
-def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentation", dynamic_hw: bool = False) -> Path:
+def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentation", dynamic_hw: bool = False,
+                       teacher: str = "") -> Path:
     """An ONNX segmentation artifact computing ThresholdSeg(0.5) on 1 x 1 x SIZE x SIZE input
     (task="encoder": the same graph declared as an encoder whose output is a feature map; dynamic_hw:
-    any H x W, as `export --set dynamic_hw=true` declares it, still preprocessed to SIZE x SIZE)."""
+    any H x W, as `export --set dynamic_hw=true` declares it, still preprocessed to SIZE x SIZE;
+    teacher: its metadata names the teacher it was distilled from, as a distilled student's does)."""
     import onnx
     from onnx import TensorProto, helper
 
-    from mirage_edge.artifact import ArtifactMeta, TensorSpec, write_meta, write_sha256sums
+    from mirage_edge.artifact import ArtifactMeta, SourceInfo, TensorSpec, write_meta, write_sha256sums
 
     out.mkdir(parents=True, exist_ok=True)
     w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], [-1.0, 1.0])
@@ -117,7 +119,7 @@ def make_onnx_artifact(out: Path, corrupt: bool = False, task: str = "segmentati
                         outputs=[TensorSpec("logits", ["batch", 2, h, w_], kind="logits" if seg else "features",
                                             dynamic_axes=axes)],
                         classes=["Background", "Fluid"] if seg else [], preprocessing={"image": spec.to_dict()},
-                        name="threshold")
+                        name="threshold", source=SourceInfo(model_name="threshold", teacher=teacher))
     write_meta(out, meta)
     write_sha256sums(out)
     if corrupt:

@@ -30,9 +30,11 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--data", default=None, help="Datasets folder for {data} in the suite.")
 @click.option("--model", "models", multiple=True, help="Only these model labels (comma list; the teacher is kept).")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(),
-              help="Add a checkpoint folder as a candidate model (repeatable).")
+              help="Add a checkpoint folder as a model (repeatable); a distilled student (its meta names a "
+                   "teacher) counts as a student in the headline, a labels-only twin as its baseline.")
 @click.option("--artifact", "artifacts", multiple=True, type=click.Path(),
-              help="Add an exported artifact folder as a candidate model (repeatable).")
+              help="Add an exported artifact folder as a model (repeatable); one whose metadata names a "
+                   "teacher (a distilled student) counts as a student in the headline.")
 @click.option("--backend", "backends", multiple=True,
               help="Only these backends: torch, onnxruntime, openvino, tensorrt (comma list).")
 @click.option("--precision", "precisions", multiple=True, help="Only these precisions: fp32, bf16, fp16, int8.")

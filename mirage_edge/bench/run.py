@@ -72,6 +72,26 @@ def _task_classes(task: Any) -> int | None:
         return None
 
 
+def adhoc_role(path: str | Path, artifact: bool = False) -> str:
+    """The bench role of a folder given on the command line, read from what it says it is: a
+    distilled student (its metadata names a teacher) -> "student", so it can be the headline's
+    student; a labels-only twin -> "baseline"; anything else (or unreadable: the row's load reports
+    why) -> "candidate"."""
+    p = Path(path)
+    try:
+        if artifact:
+            from mirage_edge.artifact import read_meta
+
+            return "student" if read_meta(p).source.teacher else "candidate"
+        cfg = next((p / f for f in ("qat.json", "config.json") if (p / f).is_file()), None)
+        meta = json.loads(cfg.read_text(encoding="utf-8")).get("meta") or {} if cfg else {}
+    except Exception:  # noqa: BLE001 - a bad folder becomes an error row at load, with its reason
+        return "candidate"
+    if not isinstance(meta, dict):
+        return "candidate"
+    return "baseline" if meta.get("labels_only") else "student" if meta.get("teacher") else "candidate"
+
+
 def bench(suite: str | Path | BenchSuite, out_dir: str | Path | None = None, *, overrides: list[str] | None = None,
           models: list[str] | None = None, backends: list[str] | None = None, precisions: list[str] | None = None,
           checkpoints: list[str] | None = None, artifacts: list[str] | None = None, isolate: bool | None = None,
@@ -84,10 +104,10 @@ def bench(suite: str | Path | BenchSuite, out_dir: str | Path | None = None, *, 
         suite = load_suite(suite, overrides or [])
     elif overrides:
         suite = _config.load(BenchSuite, None, overrides, base=_config.to_dict(suite))
-    extra = [ModelSpec(label=Path(p).name, checkpoint=str(p)) for p in checkpoints or []]
+    extra = [ModelSpec(label=Path(p).name, checkpoint=str(p), role=adhoc_role(p)) for p in checkpoints or []]
     # an artifact folder is named after its format-precision; its parent names the model
-    extra += [ModelSpec(label=f"{Path(p).resolve().parent.name}/{Path(p).name}", artifacts=[str(p)])
-              for p in artifacts or []]
+    extra += [ModelSpec(label=f"{Path(p).resolve().parent.name}/{Path(p).name}", artifacts=[str(p)],
+                        role=adhoc_role(p, artifact=True)) for p in artifacts or []]
     if extra:
         suite = dataclasses.replace(suite, models=[*suite.models, *extra])
         models = [*models, *(m.label for m in extra)] if models else None
