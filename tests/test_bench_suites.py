@@ -164,9 +164,13 @@ def test_adhoc_roles(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"meta": meta}))
         assert adhoc_role(tmp_path / name) == role, name
-    (tmp_path / "qat").mkdir()
-    (tmp_path / "qat" / "qat.json").write_text(json.dumps({"meta": {"teacher": "t"}}))
+    (tmp_path / "qat" / "fp32").mkdir(parents=True)  # a QAT student: its meta is its fp32/ twin's
+    (tmp_path / "qat" / "qat.json").write_text("{}")
+    (tmp_path / "qat" / "fp32" / "config.json").write_text(json.dumps({"meta": {"teacher": "t"}}))
     assert adhoc_role(tmp_path / "qat") == "student"
+    (tmp_path / "run" / "best").mkdir(parents=True)  # a run folder: its best/, as the loader resolves it
+    (tmp_path / "run" / "best" / "config.json").write_text(json.dumps({"meta": {"labels_only": True}}))
+    assert adhoc_role(tmp_path / "run") == "baseline"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     assert adhoc_role(tmp_path / "bad") == "candidate"

@@ -54,6 +54,15 @@ def _resolve_checkpoint(path: Path) -> Path:
                           "model.safetensors, qat.json for a QAT student, or a run folder with best/)")
 
 
+def checkpoint_config(source: str | Path) -> tuple[Path, bool, dict[str, Any]]:
+    """(checkpoint folder, is a QAT student, its config.json) for a checkpoint or run folder; a QAT
+    student's config is its fp32/ twin's, which holds the same meta."""
+    path = _resolve_checkpoint(Path(source))
+    qat = (path / "qat.json").is_file()
+    cfg = json.loads(((path / "fp32") if qat else path).joinpath("config.json").read_text(encoding="utf-8"))
+    return path, qat, cfg
+
+
 def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = None,
                  input_size: int | None = None, device: str = "cpu", head: dict[str, Any] | None = None) -> Runner:
     """A checkpoint folder (trained weights; FP32 or QAT student; a run folder's best/) or a
@@ -62,9 +71,7 @@ def torch_runner(source: str, *, task_kind: str = "", num_classes: int | None = 
     hash included, as the bench's own export of that name, `mirage_edge.bench.deploy`)."""
     path = Path(source)
     if path.exists() or "/" in source or source.startswith("."):
-        path = _resolve_checkpoint(path)
-        qat = (path / "qat.json").is_file()
-        cfg = json.loads(((path / "fp32") if qat else path).joinpath("config.json").read_text(encoding="utf-8"))
+        path, qat, cfg = checkpoint_config(path)
         kind = TASK_KIND.get(cfg.get("kind", ""), "")
         classes = list((cfg.get("meta") or {}).get("classes") or [])
 

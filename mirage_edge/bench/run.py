@@ -77,14 +77,14 @@ def adhoc_role(path: str | Path, artifact: bool = False) -> str:
     distilled student (its metadata names a teacher) -> "student", so it can be the headline's
     student; a labels-only twin -> "baseline"; anything else (or unreadable: the row's load reports
     why) -> "candidate"."""
-    p = Path(path)
     try:
         if artifact:
             from mirage_edge.artifact import read_meta
 
-            return "student" if read_meta(p).source.teacher else "candidate"
-        cfg = next((p / f for f in ("qat.json", "config.json") if (p / f).is_file()), None)
-        meta = json.loads(cfg.read_text(encoding="utf-8")).get("meta") or {} if cfg else {}
+            return "student" if read_meta(path).source.teacher else "candidate"
+        from mirage_edge.bench.loaders import checkpoint_config
+
+        meta = checkpoint_config(path)[2].get("meta") or {}
     except Exception:  # noqa: BLE001 - a bad folder becomes an error row at load, with its reason
         return "candidate"
     if not isinstance(meta, dict):
