@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -300,10 +301,13 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         if isinstance(v, Mapping):
-            return "{" + ", ".join(f"{json.dumps(str(k))} = {scalar(x)}" for k, x in v.items()) + "}"
+            return "{" + ", ".join(f"{key(str(k))} = {scalar(x)}" for k, x in v.items()) + "}"
         if v is None:
             raise ConfigError("TOML has no null; drop None values before writing")
         return json.dumps(str(v))
+
+    def key(k: str) -> str:  # dotted or odd keys (per_student's "qat.epochs") are quoted to stay one key
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
     lines: list[str] = []
 
@@ -315,9 +319,9 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
             if isinstance(v, Mapping) and v:
                 subs.append((k, v))
             else:
-                lines.append(f"{k} = {scalar(v)}")
+                lines.append(f"{key(str(k))} = {scalar(v)}")
         for k, v in subs:
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{key(str(k))}" if prefix else key(str(k))
             lines.append("")
             lines.append(f"[{name}]")
             table(name, v)

@@ -108,3 +108,39 @@ def test_print_config_reports_bad_recipes_and_needs_no_torch():
     proc = cli_without_torch("distill", "--recipe", "cls-tiny-vit", "--print-config")
     assert proc.returncode == 0, proc.stderr
     assert 'name = "cls-tiny-vit"' in proc.stdout and 'model_type = "transformer"' in proc.stdout
+
+
+def test_per_student_settings_apply_to_their_family_below_the_command_line(tmp_path):
+    rec = _write(tmp_path / "r.toml", 'extends = "duke-fluid"\n[stage2]\nepochs = 3\n'
+                                      '[per_student.resnet18]\n"qat.lr" = 2e-4\n"stage2.head" = {}\n')
+    base = load_recipe(rec)
+    assert base.student.name == "mobilenetv4_conv_small" and base.qat.lr == 5e-5  # not this family
+    r18 = load_recipe(rec, sets={"student.name": "resnet18"})
+    assert r18.qat.lr == 2e-4 and r18.stage2.head == {}  # a table value replaces the file's FPN head
+    assert r18.stage2.epochs == 3 and set(r18.per_student) == {"resnet18", "repvit_m0_9", "vit_tiny_c32"}
+    # flags and overrides still win over the family's settings
+    assert load_recipe(rec, ["qat.lr=1e-3"], sets={"student.name": "resnet18"}).qat.lr == 1e-3
+    assert load_recipe(rec, sets={"student.name": "resnet18", "qat.lr": 3e-4}).qat.lr == 3e-4
+    # the curated Duke recipe ships what distill/README measured for RepViT and the ViT
+    rep = load_recipe("duke-fluid", sets={"student.name": "repvit_m0_9"})
+    assert (rep.qat.epochs, rep.qat.lr, rep.qat.subset_size) == (8, 1e-4, 64)
+    vit = load_recipe("duke-fluid-fast", ["student.name=vit_tiny_c32"])
+    assert vit.stage2.head == {} and vit.qat.model_type == "transformer" and vit.stage1.warmup_steps == 16
+
+
+def test_per_student_mistakes_name_the_family(tmp_path):
+    bad = _write(tmp_path / "bad.toml", 'extends = "duke-fluid"\n[per_student.resnet18]\n"qat.epochz" = 2\n')
+    load_recipe(bad)  # another family: not applied, not an error
+    with pytest.raises(ConfigError, match=r"per_student\.resnet18.*qat\.epochz"):
+        load_recipe(bad, sets={"student.name": "resnet18"})
+    rename = _write(tmp_path / "rename.toml", '[per_student.resnet18]\n"student.name" = "vit_tiny_c32"\n')
+    with pytest.raises(ConfigError, match=r"per_student\.resnet18 may not set student\.name"):
+        load_recipe(rename)
+
+
+def test_print_config_round_trips_per_student_settings():
+    r = CliRunner().invoke(cli, ["distill", "--recipe", "duke-fluid", "--student", "vit_tiny_c32", "--print-config"])
+    assert r.exit_code == 0, r.output
+    printed = tomllib.loads(r.output)
+    assert printed["per_student"]["vit_tiny_c32"]["qat.model_type"] == "transformer"  # one quoted key, not a table
+    assert from_dict(DistillRecipe, printed) == load_recipe("duke-fluid", sets={"student.name": "vit_tiny_c32"})
