@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import cli_without_torch
 from mirage_edge.cli import cli
-from mirage_edge.config import from_dict, read_file
+from mirage_edge.config import dumps_toml, from_dict, read_file
 from mirage_edge.distill.recipe import RECIPES_DIR, DistillRecipe, load_recipe
 from mirage_edge.errors import ConfigError
 
@@ -117,9 +117,13 @@ def test_per_student_settings_apply_to_their_family_below_the_command_line(tmp_p
     assert base.student.name == "mobilenetv4_conv_small" and base.qat.lr == 5e-5  # not this family
     r18 = load_recipe(rec, sets={"student.name": "resnet18"})
     assert r18.qat.lr == 2e-4 and r18.stage2.head == {}  # a table value replaces the file's FPN head
-    assert r18.stage2.epochs == 3 and set(r18.per_student) == {"resnet18", "repvit_m0_9", "vit_tiny_c32"}
-    # flags and overrides still win over the family's settings
-    assert load_recipe(rec, ["qat.lr=1e-3"], sets={"student.name": "resnet18"}).qat.lr == 1e-3
+    assert r18.stage2.epochs == 3 and r18.applied_per_student == {"qat.lr": 2e-4, "stage2.head": {}}
+    assert r18.per_student == {} and base.applied_per_student == {}  # consumed: the resolved recipe is complete
+    # flags and overrides still win over the family's settings, also when the resolved recipe is read back
+    over = load_recipe(rec, ["qat.lr=1e-3"], sets={"student.name": "resnet18"})
+    assert over.qat.lr == 1e-3
+    saved = _write(tmp_path / "saved.toml", dumps_toml(over.to_dict()))
+    assert load_recipe(saved) == over
     assert load_recipe(rec, sets={"student.name": "resnet18", "qat.lr": 3e-4}).qat.lr == 3e-4
     # the curated Duke recipe ships what distill/README measured for RepViT and the ViT
     rep = load_recipe("duke-fluid", sets={"student.name": "repvit_m0_9"})
@@ -142,5 +146,5 @@ def test_print_config_round_trips_per_student_settings():
     r = CliRunner().invoke(cli, ["distill", "--recipe", "duke-fluid", "--student", "vit_tiny_c32", "--print-config"])
     assert r.exit_code == 0, r.output
     printed = tomllib.loads(r.output)
-    assert printed["per_student"]["vit_tiny_c32"]["qat.model_type"] == "transformer"  # one quoted key, not a table
+    assert printed["applied_per_student"]["qat.model_type"] == "transformer"  # one quoted key, not a table
     assert from_dict(DistillRecipe, printed) == load_recipe("duke-fluid", sets={"student.name": "vit_tiny_c32"})

@@ -204,7 +204,8 @@ def _prepare_out(recipe: DistillRecipe, resume: bool, overwrite: bool) -> Path:
             # the twin (baseline) does not touch the distilled student: adding one to a finished run is a resume;
             # per_student's effect is already in the sections it sets
             diff = sorted(k for k in set(old) | set(new)
-                          if k not in ("run", "baseline", "per_student") and old.get(k) != new.get(k))
+                          if k not in ("run", "baseline", "per_student", "applied_per_student")
+                          and old.get(k) != new.get(k))
             if diff:
                 raise CheckpointError(f"cannot resume {out}: recipe differs from the saved one in {diff}")
     out.mkdir(parents=True, exist_ok=True)
@@ -276,8 +277,8 @@ def distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = Fa
         + (f"; stage 2 adds {len(train) - train.n_labelled} unlabelled images of {recipe.stage2.data}"
            if recipe.stage2.data else "")
         + (f"; the recipe's settings for {recipe.student.name}: "
-           + " ".join(f"{k}={json.dumps(v)}" for k, v in recipe.student_settings().items())
-           if recipe.student_settings() else ""))
+           + " ".join(f"{k}={json.dumps(v)}" for k, v in recipe.applied_per_student.items())
+           if recipe.applied_per_student else ""))
 
     from mirage_edge.models.students import build_student
 

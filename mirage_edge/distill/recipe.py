@@ -352,7 +352,10 @@ class DistillRecipe:
     """per_student: settings a recipe ships for one student family, as the command line's `key=value`
     overrides (`[per_student.repvit_m0_9]` `"qat.epochs" = 8`). They apply when `student.name` is
     that family, above the file's own settings and below the CLI's flags and overrides, so
-    `--student NAME` runs with what the recipe measured for NAME."""
+    `--student NAME` runs with what the recipe measured for NAME. `load_recipe` consumes the table:
+    the resolved recipe (printed, saved as RUN/recipe.toml) has them in its sections, an empty
+    per_student (reloading it must not re-apply them over a command-line override) and the ones
+    it took in `applied_per_student`, a record only."""
 
     name: str = "distill"
     out: str = "runs/distill"
@@ -366,16 +369,14 @@ class DistillRecipe:
     cache: CacheSpec = field(default_factory=CacheSpec)
     run: RunSpec = field(default_factory=RunSpec)
     per_student: dict[str, dict[str, Any]] = field(default_factory=dict)
+    applied_per_student: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for family, sets in self.per_student.items():
-            bad = [k for k in sets if k.split(".", 1)[0] in ("student", "per_student", "name", "out")]
+            bad = [k for k in sets if k.split(".", 1)[0] in ("student", "per_student", "applied_per_student", "name",
+                                                             "out")]
             if bad:  # a family's settings must not change which family it is, nor where the run goes
                 raise ValueError(f"per_student.{family} may not set {', '.join(bad)}")
-
-    def student_settings(self) -> dict[str, Any]:
-        """The recipe's `per_student` settings for this recipe's student ({} when it has none)."""
-        return dict(self.per_student.get(self.student.name, {}))
 
     def to_dict(self) -> dict:
         return cfgmod.to_dict(self)
@@ -402,14 +403,16 @@ def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = (),
     (`mirage_edge.config.read_config`)."""
     p = resolve_recipe_path(path) if path is not None else None
     rec = cfgmod.load(DistillRecipe, p, overrides, sets=sets, curated=[RECIPES_DIR])
-    family = rec.student_settings()
-    if not family:
-        return rec
-    given = {k: v for k, v in (sets or {}).items() if v is not None}
-    try:
-        return cfgmod.load(DistillRecipe, p, overrides, sets={**family, **given}, curated=[RECIPES_DIR])
-    except ConfigError as exc:
-        raise ConfigError(f"{p or 'recipe'}: per_student.{rec.student.name}: {exc}") from None
+    family = dict(rec.per_student.get(rec.student.name, {}))
+    if family:
+        given = {k: v for k, v in (sets or {}).items() if v is not None}
+        try:
+            rec = cfgmod.load(DistillRecipe, p, overrides, sets={**family, **given}, curated=[RECIPES_DIR])
+        except ConfigError as exc:
+            raise ConfigError(f"{p or 'recipe'}: per_student.{rec.student.name}: {exc}") from None
+    if rec.per_student:
+        rec.per_student, rec.applied_per_student = {}, family
+    return rec
 
 
 __all__ = ["DistillRecipe", "TeacherSpec", "StudentSpec", "DataSpec", "Stage1Spec", "Stage2Spec", "QATSpec",
