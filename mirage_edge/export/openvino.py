@@ -87,8 +87,10 @@ def fq_summary(model: Any) -> tuple[dict[str, int], dict[str, int]]:
         fed = False
         for inp in op.inputs():
             src = inp.get_source_output().get_node()
-            # weights: Constant(i8) -> Convert -> [Subtract] -> Multiply; activations: FakeQuantize
-            while src.get_type_name() in ("Convert", "Reshape", "Transpose") and src.get_input_size():
+            # weights: Constant(i8) -> Convert -> [Subtract] -> Multiply; activations: FakeQuantize, possibly
+            # through ops that keep the precision (the CPU plugin's low-precision transformations run a max
+            # pool on the quantized tensor: ResNet's stem FakeQuantize -> MaxPool -> layer1's first conv)
+            while src.get_type_name() in _PRECISION_KEEPING and src.get_input_size():
                 src = src.input_value(0).get_node()
             if src.get_type_name() == "FakeQuantize":
                 fed = True
@@ -96,6 +98,8 @@ def fq_summary(model: Any) -> tuple[dict[str, int], dict[str, int]]:
         (quantized if fed else floating)[t] += 1
     return dict(sorted(quantized.items())), dict(sorted(floating.items()))
 
+
+_PRECISION_KEEPING = ("Convert", "Reshape", "Transpose", "MaxPool")
 
 # Ops with INT8 kernels in the CPU plugin: the denominator of an IR's quantized share.
 _INT8_KERNELS = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
