@@ -17,6 +17,7 @@ from mirage_edge.errors import ExportError
 from mirage_edge.export.target import QuantConfig
 
 # Compute ops whose quantization we report (others are data movement / elementwise).
+_PRECISION_KEEPING = ("Convert", "Reshape", "Transpose", "MaxPool")  # walked through to a FakeQuantize
 _COMPUTE = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
             "GroupConvolutionBackpropData", "Multiply", "Add",
             "Softmax", "MVN", "Gelu", "Divide", "Subtract", "ReduceMean", "Power", "Sqrt"}
@@ -98,8 +99,6 @@ def fq_summary(model: Any) -> tuple[dict[str, int], dict[str, int]]:
         (quantized if fed else floating)[t] += 1
     return dict(sorted(quantized.items())), dict(sorted(floating.items()))
 
-
-_PRECISION_KEEPING = ("Convert", "Reshape", "Transpose", "MaxPool")
 
 # Ops with INT8 kernels in the CPU plugin: the denominator of an IR's quantized share.
 _INT8_KERNELS = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
