@@ -16,8 +16,8 @@ from mirage_edge.artifact import METADATA_KEY, QuantizationInfo
 from mirage_edge.errors import ExportError
 from mirage_edge.export.target import QuantConfig
 
-# Compute ops whose quantization we report (others are data movement / elementwise).
 _PRECISION_KEEPING = ("Convert", "Reshape", "Transpose", "MaxPool")  # walked through to a FakeQuantize
+# Compute ops whose quantization we report (others are data movement / elementwise).
 _COMPUTE = {"MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData",
             "GroupConvolutionBackpropData", "Multiply", "Add",
             "Softmax", "MVN", "Gelu", "Divide", "Subtract", "ReduceMean", "Power", "Sqrt"}
