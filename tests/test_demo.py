@@ -49,7 +49,7 @@ def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
 def test_fast_plan_is_small():
     fast, full = DemoPlan.fast(), DemoPlan()
     assert fast.image_size < full.image_size and fast.n_images < full.n_images
-    assert full.image_size == 512 and "mirage-large" in full.references
+    assert "mirage-large" in full.references and full.teacher_epochs > fast.teacher_epochs
 
 
 def test_kd_gain_line_says_when_the_teacher_is_the_weak_one(tmp_path):

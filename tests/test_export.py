@@ -186,6 +186,18 @@ def test_fp16_and_seg_argmax(tmp_path):
     assert masks.shape == (2, SIZE, SIZE) and masks.dtype == np.uint8
 
 
+def test_fp32_artifacts_compute_in_f32_whatever_the_int8_float_ops_are(tmp_path):
+    """openvino.inference_precision is for the float ops of INT8 artifacts; an "fp32" artifact (ONNX or
+    IR) always carries the f32 hint, so one target can make both (the demo exports each model once)."""
+    from mirage_edge.export import export_model
+
+    dirs = export_model(tiny_cnn(), tmp_path, target(openvino={"inference_precision": "default"},
+                                                     validation={"n_inputs": 4}))
+    hints = {d.name: load_verified_meta(d).runtime.get("openvino", {}) for d in dirs}
+    assert hints == {"onnx-fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "onnx-int8": {},
+                     "openvino-fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "openvino-int8": {}}
+
+
 def test_seg_mask_stride_argmax_at_lower_resolution(tmp_path):
     import torch
 

@@ -196,8 +196,10 @@ def _build_one(fmt: str, prec: str, plan: ExportPlan, target: ExportTarget, base
     from mirage_edge.export import openvino as ov_x
 
     build: dict[str, Any] = {}
-    # ONNX artifacts may run on OpenVINO too; the hint keeps its CPU plugin in f32 (not bf16).
-    hints: dict[str, dict[str, Any]] = {"openvino": ov_x.runtime_hints(target.openvino.inference_precision)}
+    # ONNX artifacts may run on OpenVINO too. An fp32 artifact computes in f32 whatever the target asks
+    # for the float ops of quantized ones (bf16 on a CPU that has it would make the label untrue).
+    float_ops = "f32" if prec == "fp32" else target.openvino.inference_precision
+    hints: dict[str, dict[str, Any]] = {"openvino": ov_x.runtime_hints(float_ops)}
     qinfo = None
     if fmt == "onnx":
         dst = stage / "model.onnx"

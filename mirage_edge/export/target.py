@@ -76,8 +76,9 @@ class QuantConfig:
 @dataclass
 class OpenVinoConfig:
     device: str = "CPU"
-    # Precision the CPU plugin computes non-quantized ops in. "f32" keeps parity with torch; the
-    # plugin default on avx512_bf16 CPUs is bf16 (faster, cos >= 0.9999 in our baseline).
+    # Precision the CPU plugin computes the float ops of fp16/INT8 artifacts in ("fp32" artifacts always
+    # run f32). "f32" keeps parity with torch; the plugin default on avx512_bf16 CPUs is bf16 (faster,
+    # cos >= 0.9999 in our baseline).
     inference_precision: Literal["f32", "bf16", "f16", "default"] = "f32"
 
 
