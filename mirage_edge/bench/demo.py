@@ -204,6 +204,10 @@ def run_demo(out_dir: str | Path = "demo-out", *, fast: bool = False, force: boo
             say(line.replace("**", ""))
     if kd:
         say(kd)
+    if not any(r.role == "reference" and r.backend != "torch" for r in records):
+        say(f"MIRAGE-Base/Large's own fastest deployments (OpenVINO INT8, the same class mask) beside these rows: "
+            f"mirage-edge bench --suite synthetic --root {out} --data {out / 'data'} --input-size {plan.image_size} "
+            "(their export takes minutes the first time, then is cached)")
     for name, path in paths.items():
         say(f"{name}: {path}")
     say(f"demo finished in {seconds:.0f} s (" + ", ".join(f"{k.split(' ')[0]} {v:.0f} s" for k, v in times.items()) + ")")
