@@ -28,7 +28,7 @@ class DemoPlan:
     """Sizes of one demo run. `image_size` is the models' input (and the benchmark's latency input)."""
 
     # 256 x 256, not MIRAGE's 512: at 512 the demo took 635 s on 2 cores (teacher 84, student 374, export 57,
-    # bench 115; stop 36), at 256 279-300 s with the settings below (stop 37). The bench times every row,
+    # bench 115; stop 36), at 256 279-302 s with the settings below (stop 37). The bench times every row,
     # MIRAGE-Base/Large included, at this size; the 512 x 512 speed headline is the Duke bench's
     # (benchmarks/results, duke-bench-512-*).
     image_size: int = 256
