@@ -32,8 +32,8 @@ class DemoPlan:
     # MIRAGE-Base/Large included, at this size; the 512 x 512 speed headline is the Duke bench's
     # (benchmarks/results, duke-bench-512-*).
     image_size: int = 256
-    # 60 B-scans (40 train / 10 val / 10 test). 48 made the demo 547 s on 2 cores (2 timing rounds; 60 with
-    # 3 rounds: 614 s) and cost 8-10 Dice points (teacher 0.634, student 0.694): not worth it
+    # 60 B-scans (40 train / 10 val / 10 test). At 512 px, 48 made the demo 547 s on 2 cores (2 timing rounds;
+    # 60 with 3 rounds: 614 s) and cost 8-10 Dice points (teacher 0.634, student 0.694): not worth it
     n_images: int = 60
     # 25 epochs: the teacher's val Dice is flat over its last 5 (0.8632 -> 0.8717); 10 stopped it at 0.72,
     # below the students, so the demo measured its teacher instead of its student (#18 item 4)
