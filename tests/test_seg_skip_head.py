@@ -17,18 +17,23 @@ def _tiny_mirage(size: int = 64):
     return create_model("mirage-tiny", input_size=size, depth=1)
 
 
-@pytest.mark.parametrize("levels", [1, 3])
-def test_skip_head_round_trips_and_official_config_is_unchanged(tmp_path, levels):
+@pytest.mark.parametrize("levels,norm", [(1, ""), (3, ""), (3, "batch")])
+def test_skip_head_round_trips_and_official_config_is_unchanged(tmp_path, levels, norm):
     from mirage_edge.models import create_model, save_model
     from mirage_edge.models.task import segmentation_model
 
     torch.manual_seed(0)
     plain = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1)
     assert "skip_dim" not in plain.head.config  # official head configs stay as they were
-    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=levels).eval()
+    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=levels, skip_norm=norm)
     assert ("skip_levels" in m.head.config) == (levels > 1)  # one-level skip heads saved before load as they were
+    assert ("skip_norm" in m.head.config) == bool(norm)
     assert hasattr(m.head, "skip_down") == (levels > 1)
+    bns = [mod for mod in m.head.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert len(bns) == (3 * levels if norm else 0)  # every conv of the path: 2 a level, 1 fusion a level
     x = torch.rand(2, 1, 64, 64)
+    m.train()(x)  # running statistics away from their defaults, so the round trip must carry them
+    m.eval()
     with torch.no_grad():
         y = m(x)
         assert y.shape == (2, 2, 64, 64)
@@ -50,7 +55,9 @@ def test_skip_head_exports_to_onnx(tmp_path):
     from mirage_edge.models.task import segmentation_model
 
     torch.manual_seed(0)
-    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=2).eval()
+    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=2, skip_norm="batch")
+    m.train()(torch.rand(2, 1, 64, 64))
+    m.eval()
     x = torch.rand(1, 1, 64, 64)
     path = tmp_path / "m.onnx"
     torch.onnx.export(m, (x,), str(path), input_names=["image"], output_names=["logits"], dynamo=False)
@@ -67,6 +74,10 @@ def test_skip_levels_need_a_skip():
         segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_levels=2)
     with pytest.raises(ConfigError, match="skip_levels"):
         segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=0)
+    with pytest.raises(ConfigError, match="skip_norm must be"):
+        segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_norm="layer")
+    with pytest.raises(ConfigError, match="skip_norm must be"):
+        segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_norm="batch")
 
 
 def test_class_weights_weigh_the_cross_entropy():

@@ -48,11 +48,12 @@ class ConvNeXtSegHead(nn.Module):
     ... (stride-2 3x3 conv + 3x3 conv, channels doubling), fused coarse to fine - the token features
     enter at the coarsest level, each fusion (3x3 conv) is upsampled into the next finer one. A pocket
     a few tens of pixels wide is then seen with its surroundings at a resolution tokens do not have.
+    `skip_norm = "batch"` puts a BatchNorm after every conv of that path (folded into the conv on export).
     """
 
     def __init__(self, in_dim: int, num_classes: int, preds_per_patch: int = 16, class_dim: int = 384,
                  depth: int = 4, interpolate_mode: str = "bilinear", skip_dim: int = 0,
-                 skip_levels: int = 1) -> None:
+                 skip_levels: int = 1, skip_norm: str = "") -> None:
         super().__init__()
         side = math.isqrt(preds_per_patch)
         if side * side != preds_per_patch:
@@ -69,6 +70,11 @@ class ConvNeXtSegHead(nn.Module):
                 raise ConfigError(f"skip_levels must be >= 1 and needs skip_dim > 0, got skip_levels={skip_levels} "
                                   f"with skip_dim={skip_dim}")
             self.config["skip_levels"] = int(skip_levels)
+        if skip_norm:
+            if skip_norm != "batch" or not skip_dim:
+                raise ConfigError(f"skip_norm must be \"batch\" or empty and needs skip_dim > 0, got "
+                                  f"skip_norm={skip_norm!r} with skip_dim={skip_dim}")
+            self.config["skip_norm"] = skip_norm
         self.num_classes, self.side, self.class_dim = num_classes, side, class_dim
         self.interpolate_mode = interpolate_mode
         self.needs_image = bool(skip_dim)
@@ -77,16 +83,21 @@ class ConvNeXtSegHead(nn.Module):
         if skip_dim:
             c = int(skip_dim)
             ch = [c * 2 ** k for k in range(int(skip_levels))]  # level k: stride 2**k
-            self.skip = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+
+            def conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+                # no norm: the module indices of heads saved before skip_norm existed
+                norm = [nn.BatchNorm2d(cout)] if skip_norm else []
+                return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), *norm, nn.GELU()]
+
+            self.skip = nn.Sequential(*conv(1, c), *conv(c, c))
             if len(ch) > 1:  # only when used, so skip heads saved before load unchanged
                 self.skip_down = nn.ModuleList(
-                    nn.Sequential(nn.Conv2d(ch[k - 1], ch[k], 3, stride=2, padding=1), nn.GELU(),
-                                  nn.Conv2d(ch[k], ch[k], 3, padding=1), nn.GELU()) for k in range(1, len(ch)))
+                    nn.Sequential(*conv(ch[k - 1], ch[k], 2), *conv(ch[k], ch[k])) for k in range(1, len(ch)))
                 self.fuse_up = nn.ModuleList(
-                    nn.Sequential(nn.Conv2d((ch[k + 1] if k + 1 < len(ch) else ch[k]) + ch[k], ch[k], 3, padding=1),
-                                  nn.GELU()) for k in range(1, len(ch)))
+                    nn.Sequential(*conv((ch[k + 1] if k + 1 < len(ch) else ch[k]) + ch[k], ch[k]))
+                    for k in range(1, len(ch)))
             self.fuse_in = nn.Conv2d(class_dim, ch[-1], kernel_size=1)
-            self.fuse = nn.Sequential(nn.Conv2d((ch[1] if len(ch) > 1 else c) + c, c, 3, padding=1), nn.GELU())
+            self.fuse = nn.Sequential(*conv((ch[1] if len(ch) > 1 else c) + c, c))
             self.final_layer = nn.Conv2d(c, num_classes, kernel_size=1)
         else:
             self.final_layer = nn.Conv2d(class_dim, num_classes, kernel_size=1)
