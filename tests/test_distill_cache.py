@@ -179,3 +179,24 @@ def test_empty_shard_is_rebuilt(tmp_path):
     next(c.dir.glob("tokens.*.npy")).write_bytes(b"")  # a crash between create and header write
     again = TeacherCache(tmp_path, _key()).open()
     assert again.status.startswith("rebuilt") and "corrupt shard" in again.status
+
+
+def test_a_teacher_with_batchnorm_has_a_weights_hash_that_follows_its_running_statistics():
+    """BatchNorm's 0-d `num_batches_tracked` buffer broke the hash (issue #18's BN-path teacher); its running
+    statistics are weights for the cache: new statistics must give a new key."""
+    from mirage_edge.distill.teacher import weights_hash
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    before = weights_hash(net)
+    assert before == weights_hash(net)
+    net.train()(torch.rand(2, 1, 8, 8))  # moves the running mean / var and counts a batch
+    assert weights_hash(net) != before
+    # n-d tensors hash as before the 0-d fix: a cache filled earlier keeps its key
+    conv = torch.nn.Conv2d(1, 2, 1)
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(conv.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    assert weights_hash(conv) == h.hexdigest()
