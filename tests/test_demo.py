@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import requires_vnni
+
 from mirage_edge.bench.demo import DemoPlan, run_demo
 
 
 @pytest.mark.slow
+@requires_vnni
 def test_fast_demo_end_to_end_and_resume(tmp_path):
     lines: list[str] = []
     res = run_demo(tmp_path / "demo", fast=True, log=lines.append)

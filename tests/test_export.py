@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import requires_vnni
+
 from test_export_support import SIZE, exported, target, tiny_cnn  # also skips without torch/ORT/OV
 
 import torch  # noqa: E402
@@ -145,6 +147,7 @@ def test_validation_failure_lists_numbers_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx-fp32"]  # no staging left behind
 
 
+@requires_vnni
 def test_fake_quantized_model_exports_its_qdq_graph(tmp_path):
     nncf = pytest.importorskip("nncf")
     import onnx

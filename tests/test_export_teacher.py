@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_line_error
+from conftest import one_line_error, requires_vnni
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -38,6 +38,7 @@ def teacher_artifacts(tmp_path_factory) -> Path:
     return out
 
 
+@requires_vnni
 def test_registered_name_with_a_head_exports_validated_artifacts(teacher_artifacts):
     metas = {d.name: load_verified_meta(d) for d in sorted(teacher_artifacts.iterdir())}
     assert sorted(metas) == ["onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"]
@@ -59,6 +60,7 @@ def test_registered_name_with_a_head_exports_validated_artifacts(teacher_artifac
     assert metas["onnx-int8"].quantization.method == "ort-static-qdq"
 
 
+@requires_vnni
 def test_random_weights_are_seeded_and_the_artifact_computes_the_model(teacher_artifacts):
     from mirage_edge.export.registered import registered_model
     from mirage_edge.runtime import Predictor
@@ -121,6 +123,7 @@ def test_official_weights_are_used_when_found_locally(tmp_path, monkeypatch):
         assert torch.equal(reg.model.encoder.state_dict()[k], v), k
 
 
+@requires_vnni
 def test_fine_tuned_teacher_checkpoint_with_the_teacher_target(tmp_path):
     from mirage_edge.models import save_model
     from test_export_support import mirage_seg
