@@ -1,6 +1,7 @@
 """Teacher-output cache: round trip, reuse, and invalidation (changed teacher / preprocessing / files)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -194,7 +195,6 @@ def test_a_teacher_with_batchnorm_has_a_weights_hash_that_follows_its_running_st
     assert weights_hash(net) != before
     # n-d tensors hash as before the 0-d fix: a cache filled earlier keeps its key
     conv = torch.nn.Conv2d(1, 2, 1)
-    import hashlib
     h = hashlib.sha256()
     for name, t in sorted(conv.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

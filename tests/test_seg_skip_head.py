@@ -50,12 +50,13 @@ def test_skip_head_round_trips_and_official_config_is_unchanged(tmp_path, levels
         assert torch.equal(again(x), y)
 
 
-def test_skip_head_exports_to_onnx(tmp_path):
+@pytest.mark.parametrize("norm", ["", "batch"])
+def test_skip_head_exports_to_onnx(tmp_path, norm):
     ort = pytest.importorskip("onnxruntime")
     from mirage_edge.models.task import segmentation_model
 
     torch.manual_seed(0)
-    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=2, skip_norm="batch")
+    m = segmentation_model(_tiny_mirage(), 2, class_dim=8, depth=1, skip_dim=4, skip_levels=2, skip_norm=norm)
     m.train()(torch.rand(2, 1, 64, 64))
     m.eval()
     x = torch.rand(1, 1, 64, 64)
